@@ -1,0 +1,281 @@
+"""The `prep` command: argument parsing only; every subcommand calls one library function.
+
+Expected failures (bad input, missing paths, full disk) exit non-zero with one line on
+stderr and no traceback; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from prep import __version__, config
+from prep.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+
+
+# ----------------------------------------------------------------------------- run
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Model flags shared by `run`, `verify` and `report`."""
+    g = parser.add_argument_group("models (each a Hub id or a local directory)")
+    g.add_argument(
+        "--vae-model", default=config.VAE_MODEL, help="Flux VAE repo or dir (default: %(default)s)"
+    )
+    g.add_argument(
+        "--vae-subfolder",
+        default=config.VAE_SUBFOLDER,
+        help="subfolder of --vae-model holding the VAE; ignored when the dir has none (default: %(default)s)",
+    )
+    g.add_argument("--t5-model", default=config.T5_MODEL, help="T5 encoder (default: %(default)s)")
+    g.add_argument("--dinov3-model", default=config.DINOV3_MODEL, help="DINOv3 ViT (default: %(default)s)")
+    g.add_argument(
+        "--caption-model", default=config.CAPTION_MODEL, help="Gemma 3 VLM captioner (default: %(default)s)"
+    )
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the main job (`prep run` and `prep/run.py`)."""
+    io = parser.add_argument_group("input / output")
+    io.add_argument(
+        "--images",
+        type=Path,
+        help="folder of images, scanned recursively (optional when the manifest exists)",
+    )
+    io.add_argument(
+        "--manifest",
+        type=Path,
+        default=config.DEFAULT_MANIFEST,
+        help="JSONL manifest, source of truth (default: %(default)s)",
+    )
+    io.add_argument(
+        "--output-base-dir",
+        type=Path,
+        default=config.DEFAULT_OUTPUT_BASE_DIR,
+        help="where dinov3/, vae_latents/, t5_hidden/ go (default: %(default)s)",
+    )
+    work = parser.add_argument_group("what to do")
+    work.add_argument(
+        "--pass",
+        dest="pass_",
+        choices=config.PASS_CHOICES,
+        default="all",
+        help="all (default) = migrate -> caption -> t5 -> dinov3 -> vae; or one of them; "
+        "migrate needs no model (adds ids/sizes/buckets, moves inline DINOv3 vectors to .npy)",
+    )
+    work.add_argument(
+        "--buckets",
+        default=None,
+        help="comma-separated WxH bucket list, multiples of 16 (default: the 7 Flux buckets 1024x1024,832x1216,...)",
+    )
+    work.add_argument(
+        "--recaption", action="store_true", help="regenerate captions even where a record has one"
+    )
+    work.add_argument(
+        "--no-sidecar-captions",
+        action="store_true",
+        help="ignore <image stem>.txt caption files beside the images",
+    )
+    work.add_argument("--caption-prompt", default=config.CAPTION_PROMPT, help="prompt given to the captioner")
+    work.add_argument(
+        "--caption-max-new-tokens",
+        type=int,
+        default=config.CAPTION_MAX_NEW_TOKENS,
+        help="(default: %(default)s)",
+    )
+    work.add_argument(
+        "--verify", action="store_true", help="after the run, verify every side file (like `prep verify`)"
+    )
+    work.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over: delete the three .npy folders and start a new manifest "
+        "(the old manifest is kept as a timestamped backup: captions are expensive)",
+    )
+    work.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=config.DEFAULT_MIN_FREE_GB,
+        help="abort when the output dir has less free space (default: %(default)s)",
+    )
+    add_model_args(parser)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument(
+        "--batch-size", type=int, default=8, help="images per VAE / DINOv3 batch (default: %(default)s)"
+    )
+    speed.add_argument(
+        "--text-batch-size", type=int, default=64, help="captions per T5 batch (default: %(default)s)"
+    )
+    speed.add_argument(
+        "--caption-batch-size", type=int, default=4, help="images per captioner batch (default: %(default)s)"
+    )
+    speed.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="data-loader processes decoding images (default: %(default)s)",
+    )
+    speed.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda | cuda:N (default: auto; accelerate picks the GPU per rank)",
+    )
+    speed.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype; auto = bf16 on GPU, fp32 on CPU",
+    )
+    speed.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="rewrite the manifest every N batches (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model repos to run their own code (off by default)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the operation done on each image")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prep.pipeline import RunOptions, run
+
+    return run(RunOptions.from_args(args))
+
+
+# -------------------------------------------------------------------------- verify
+def add_verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--manifest", type=Path, default=config.DEFAULT_MANIFEST, help="JSONL manifest (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output-base-dir",
+        type=Path,
+        default=config.DEFAULT_OUTPUT_BASE_DIR,
+        help="derived dir (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--workers", type=int, default=8, help="threads reading side files (default: %(default)s)"
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from prep.verify import print_report, verify_manifest
+
+    report = verify_manifest(args.manifest, args.output_base_dir, workers=args.workers)
+    print_report(report, as_json=args.json)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# --------------------------------------------------------------------- tiny-models
+def add_tiny_models_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="where to write vae/, t5/, dinov3/, captioner/")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    from prep.testing import make_tiny_models
+
+    paths = make_tiny_models(args.dir, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(
+        "These models are randomly initialised: their outputs are meaningless (for tests and smoke runs only)."
+    )
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- export
+def add_export_parsers(subparsers) -> None:
+    """`prep export webdataset` and `prep push` (owned by the export module's author)."""
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prep",
+        description="Turn a folder of images into a training-ready dataset: a JSONL manifest plus "
+        "Flux VAE latents, T5-Large hidden states and DINOv3 embeddings as .npy side files.",
+    )
+    parser.add_argument("--version", action="version", version=f"prep {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="scan, migrate, caption and encode (same as `python prep/run.py`)")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "verify", help="check every side file of a manifest (exit 1 if any is missing or invalid)"
+    )
+    add_verify_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    add_export_parsers(sub)
+
+    p = sub.add_parser(
+        "tiny-models", help="write tiny random models of the real classes (tests, offline smoke runs)"
+    )
+    add_tiny_models_args(p)
+    p.set_defaults(func=cmd_tiny_models)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "PIL", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning expected failures into one stderr line and an exit code."""
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("prep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"prep: error: {exc}", file=sys.stderr)
+        return exc.code
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        FileExistsError,
+        ValueError,
+        OSError,
+    ) as exc:
+        if args.debug:
+            raise
+        print(f"prep: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    return dispatch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

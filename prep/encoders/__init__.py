@@ -1,0 +1,1 @@
+"""One module per model: load (Hub id or local dir), encode a batch, unload."""

@@ -1,0 +1,71 @@
+"""Atomic file writes: the one path every write in `prep` goes through.
+
+A crash (SIGKILL, power loss, full disk) at any moment leaves either the old file or the
+new one, never a torn mix: write a temp file in the same directory, flush + fsync, rename.
+Temp files carry a recognisable suffix so a restart can sweep the ones a crash left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+TMP_MARK = ".prep-tmp"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside `path`; on clean exit fsync it and rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_MARK, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Persist a rename: fsync the directory entry (best effort; not all filesystems allow it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sweep_temp_files(directory: str | Path) -> int:
+    """Remove temp files a killed run left in `directory` (not recursive); return how many."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for entry in os.scandir(directory):
+        if entry.name.endswith(TMP_MARK) and entry.is_file():
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed

@@ -1,0 +1,264 @@
+"""Image decoding and resize-to-cover, shared by every pass that looks at pixels.
+
+Everything here is pure CPU and made of top-level functions so it pickles into torch
+DataLoader workers. One place decides how a file becomes 8-bit RGB (EXIF orientation,
+alpha on white, 16-bit scaled rather than clipped, CMYK through its ICC profile) so the VAE,
+DINOv3, the captioner and any report all see the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+# Pillow's own default (about 89.5 MP). Checked here explicitly so a library that sets
+# Image.MAX_IMAGE_PIXELS = None elsewhere in the process cannot switch bomb protection off.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow draft) only while the decoded image
+# still has at least this many pixels per output pixel, so LANCZOS keeps full quality.
+DRAFT_OVERSAMPLE = 2.0
+
+# Pillow resize(reducing_gap=...): an integer box-reduce before LANCZOS for big downscales.
+# 3.0 is what Pillow documents as indistinguishable from a plain LANCZOS resize.
+REDUCING_GAP = 3.0
+
+WHITE = (255, 255, 255)
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_PILLOW_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    MemoryError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class ImageDecodeError(Exception):
+    """The file cannot be turned into an RGB image; the message is a one-line reason."""
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode a file to a fully loaded 8-bit RGB image, upright as a viewer shows it."""
+    image, _ = _decode(path, draft_to=None)
+    return image
+
+
+def cover_crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
+    """The centred source region with the target aspect that a resize-to-cover keeps.
+
+    Returned as integer (left, top, right, bottom) source pixels: resampling exactly this box
+    to (dst_w, dst_h) is the resize-to-cover plus centre crop, and the box is the provenance.
+    """
+    _check_positive_size(src_w, src_h, "source")
+    _check_positive_size(dst_w, dst_h, "target")
+    if src_w * dst_h >= src_h * dst_w:  # source is wider than the target: crop the sides
+        crop_w = min(src_w, max(1, round(src_h * dst_w / dst_h)))
+        crop_h = src_h
+    else:  # source is taller: crop top and bottom
+        crop_w = src_w
+        crop_h = min(src_h, max(1, round(src_w * dst_h / dst_w)))
+    left = (src_w - crop_w) // 2
+    top = (src_h - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def resize_to_cover(
+    img: Image.Image,
+    width: int,
+    height: int,
+    *,
+    original_size: tuple[int, int] | None = None,
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Scale to cover (width, height) keeping aspect, centre-crop, LANCZOS antialiased.
+
+    `original_size` is the full-resolution (post-EXIF) size when `img` was decoded at a
+    reduced JPEG draft scale; the returned crop box is always in those original pixels.
+    """
+    orig_w, orig_h = original_size or img.size
+    box = cover_crop_box(orig_w, orig_h, width, height)
+    sx, sy = img.width / orig_w, img.height / orig_h
+    source_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    resized = img.resize(
+        (width, height), Image.Resampling.LANCZOS, box=source_box, reducing_gap=REDUCING_GAP
+    )
+    return resized, box
+
+
+def load_bucket_crop(path: str | Path, width: int, height: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Decode + resize-to-cover one file; uint8 (height, width, 3) and its crop box (provenance)."""
+    image, original_size = _decode(path, draft_to=(width, height))
+    crop, box = resize_to_cover(image, width, height, original_size=original_size)
+    return np.asarray(crop, dtype=np.uint8).copy(), box
+
+
+def load_bucket_image(path: str | Path, width: int, height: int) -> np.ndarray:
+    """Decode + resize-to-cover one file to a uint8 (height, width, 3) array."""
+    array, _ = load_bucket_crop(path, width, height)
+    return array
+
+
+def to_vae_pixels(batch: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [-1, 1], the range the Flux VAE was trained on."""
+    array = np.stack(batch) if isinstance(batch, list) else np.asarray(batch)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N, H, W, 3), got {array.dtype} {array.shape}")
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).to(torch.float32)
+    return (pixels / 127.5 - 1.0).contiguous()
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to upright RGB; also return the upright full-resolution size.
+
+    With `draft_to` a big JPEG may come back decoded at a reduced scale; the size returned is
+    still the full one, so crop boxes stay in original pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _reject_bomb(opened.size)
+                _select_first_frame(opened)
+                original_size = _upright_size(opened)
+                if draft_to is not None:
+                    _apply_jpeg_draft(opened, original_size, draft_to)
+                opened.load()
+                return _to_rgb8(ImageOps.exif_transpose(opened)), original_size
+    except ImageDecodeError:
+        raise
+    except _PILLOW_ERRORS as exc:
+        raise ImageDecodeError(_reason(exc)) from exc
+
+
+def _reject_bomb(size: tuple[int, int]) -> None:
+    """Refuse decompression bombs before decoding, whatever Image.MAX_IMAGE_PIXELS says."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"empty image size {width}x{height}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(f"decompression bomb: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+
+
+def _select_first_frame(image: Image.Image) -> None:
+    """Animated GIF/WebP/APNG and multi-page TIFF: the dataset uses the first frame."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+
+
+def _apply_jpeg_draft(image: Image.Image, upright_size: tuple[int, int], target: tuple[int, int]) -> None:
+    """Let libjpeg decode at 1/2..1/8 scale when that still oversamples the target 2x.
+
+    Only JPEGs support draft; for anything else, or an upscale, this does nothing.
+    """
+    if image.format != "JPEG":
+        return
+    box = cover_crop_box(*upright_size, *target)
+    factor = DRAFT_OVERSAMPLE * target[0] / (box[2] - box[0])  # decoded px needed per original px
+    if factor > 0.5:
+        return
+    stored_w, stored_h = image.size
+    image.draft(None, (math.ceil(stored_w * factor), math.ceil(stored_h * factor)))
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """Size after EXIF orientation is applied (orientations 5-8 swap width and height)."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation (1 when absent or unreadable: then exif_transpose does nothing either)."""
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except _PILLOW_ERRORS:
+        return 1
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from a Pillow exception (it names the problem, not the traceback)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {text}"[:200]
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+# --- mode conversion --------------------------------------------------------------------------
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, the way a person looking at the file would see it."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        return _scale_sixteen_bit(image)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite_on_white(image)
+    if mode == "F":
+        return _scale_float(image)
+    if mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    return image.convert("RGB")
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, as on a white page (black would invent dark edges)."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scale_sixteen_bit(image: Image.Image) -> Image.Image:
+    """16-bit gray (Pillow 'I;16*' or 'I') -> 8 bit by value/257; Pillow's convert would clip."""
+    values = np.asarray(image).astype(np.int64)  # numpy honours I;16B's byte order
+    eight_bit = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(eight_bit).convert("RGB")
+
+
+def _scale_float(image: Image.Image) -> Image.Image:
+    """32-bit float gray: values in [0, 1] are scaled to 8 bit, anything else is clipped to 0..255."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if values.size and values.max() <= 1.0:
+        values = values * 255.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    """Through the embedded ICC profile when there is one; Pillow's naive formula otherwise."""
+    icc = image.info.get("icc_profile")
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
+            if converted is not None:
+                return converted
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass
+    return image.convert("RGB")
+
+
+def _check_positive_size(width: int, height: int, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{what} size must be positive, got {width}x{height}")

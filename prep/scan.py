@@ -1,0 +1,141 @@
+"""Find images, read their size from the header (after EXIF orientation), and give them ids.
+
+Reading only the header keeps the scan at thousands of images per second; the full
+decode happens once, later, in the encoder passes' data-loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import unicodedata
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from prep.config import IMAGE_EXTENSIONS
+from prep.records import is_safe_id
+
+EXIF_ORIENTATION = 0x0112
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 / 270 degrees
+MAX_ID_STEM = 80
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the scan learns about one file: its display size, or why it is unreadable."""
+
+    path: Path
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def iter_image_files(root: str | Path) -> Iterator[Path]:
+    """Every image file under `root`, recursively, in a stable (sorted) order; hidden dirs skipped."""
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def _looks_truncated(path: Path, image_format: str | None) -> bool:
+    """Cheap truncation check without decoding: a JPEG must end with EOI, a PNG must verify."""
+    if image_format == "JPEG":
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 4096))
+            return b"\xff\xd9" not in f.read()
+    if image_format == "PNG":
+        with Image.open(path) as img:
+            img.verify()  # reads chunks and CRCs, decodes no pixels; raises if cut short
+    return False
+
+
+def read_image_header(path: str | Path) -> ImageHeader:
+    """Width and height as a viewer shows the image (EXIF 5-8 swap them); never raises."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return ImageHeader(path, error="empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                image_format = img.format
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            if _looks_truncated(path, image_format):
+                return ImageHeader(path, error="truncated file")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageHeader(path, error=f"too many pixels (decompression bomb limit): {exc}".split(" could")[0])
+    except UnidentifiedImageError:
+        return ImageHeader(path, error="not a recognised image")
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        return ImageHeader(path, error=f"unreadable: {exc}")
+    if width <= 0 or height <= 0:
+        return ImageHeader(path, error=f"bad size {width}x{height}")
+    if orientation in SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    return ImageHeader(path, width=width, height=height)
+
+
+def read_headers(paths: Iterable[Path], workers: int = 8) -> Iterator[ImageHeader]:
+    """Headers of many files, in input order; threads hide file-system latency."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield from pool.map(read_image_header, paths)
+
+
+def slugify(stem: str) -> str:
+    """ASCII slug of a file stem: accents stripped, anything outside [A-Za-z0-9_-] becomes '_'."""
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")
+    return (slug or "img")[:MAX_ID_STEM]
+
+
+def hashed_id(stem: str, key: str) -> str:
+    """slug(stem) + '-' + 8 hex digits of sha1(key): deterministic, unique, safe."""
+    return f"{slugify(stem)}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
+
+
+def assign_image_ids(keys: list[str], taken: Iterable[str] = ()) -> list[str]:
+    """Ids for new images, one per key (a path relative to the images root, POSIX form).
+
+    The rule (the seeds' one, made safe): the file stem when it is a safe token
+    ([A-Za-z0-9_-], at most 100 chars), not used by another new key and not already taken
+    by an existing record; otherwise slug(stem)-<8 hex of sha1(key)>. Existing ids never
+    change, so adding files later cannot rename anything already processed.
+    """
+    taken = set(taken)
+    stems = [Path(key).stem for key in keys]
+    stem_counts: dict[str, int] = {}
+    for stem in stems:
+        stem_counts[stem] = stem_counts.get(stem, 0) + 1
+    ids = []
+    for key, stem in zip(keys, stems, strict=True):
+        if is_safe_id(stem) and stem_counts[stem] == 1 and stem not in taken:
+            image_id = stem
+        else:
+            image_id = hashed_id(stem, key)
+            salt = 0
+            while image_id in taken:  # astronomically rare; keeps ids unique anyway
+                salt += 1
+                image_id = hashed_id(stem, f"{key}#{salt}")
+        taken.add(image_id)
+        ids.append(image_id)
+    return ids
+
+
+def relative_key(path: Path, root: Path) -> str:
+    """The path relative to the images root in POSIX form: the input of the id hash."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
