@@ -181,6 +181,8 @@ def check_inputs(opts: RunOptions) -> None:
         raise RunError(f"output base dir {opts.output_base_dir} is not a directory")
     for target in (opts.output_base_dir, opts.manifest.parent):
         parent = nearest_existing(target)
+        if not parent.is_dir():
+            raise RunError(f"cannot create {target}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"{target} is not writable")
     free_gb = shutil.disk_usage(nearest_existing(opts.output_base_dir)).free / 1e9
@@ -609,6 +611,12 @@ def encode_text_batch(batch: dict, *, ctx: PassContext) -> dict:
     return {"status": statuses}
 
 
+def fresh_fingerprint(kind: str) -> str:
+    import uuid
+
+    return f"prep-{kind}-{uuid.uuid4().hex}"
+
+
 def group_by_bucket(ds) -> list[tuple[str | None, object]]:
     """Split a dataset into per-bucket datasets (sorted bucket order), so a batch never mixes shapes."""
     buckets = ds["aspect_bucket"]
@@ -623,11 +631,15 @@ def run_pass_on_shard(ctx: PassContext, shard, progress: bool) -> None:
     from prep.loader import make_loader
 
     map_kwargs = {"batched": True, "load_from_cache_file": False, "keep_in_memory": True}
+    # A fresh fingerprint per map: the datasets cache must never replay side-effecting work,
+    # and the closures (models, loaders) are not meant to be hashed.
+    fingerprint = functools.partial(fresh_fingerprint, ctx.kind)
     if ctx.kind == "t5":
         shard.map(
             functools.partial(encode_text_batch, ctx=ctx),
             batch_size=ctx.opts.text_batch_size,
-            desc=f"t5 (rank shard {len(shard)})",
+            desc="t5",
+            new_fingerprint=fingerprint(),
             **map_kwargs,
         )
         return
@@ -646,6 +658,7 @@ def run_pass_on_shard(ctx: PassContext, shard, progress: bool) -> None:
             functools.partial(encode_image_batch, ctx=ctx, loader_iter=loader_iter),
             batch_size=batch_size,
             desc=f"{ctx.kind}{' ' + bucket if bucket else ''}",
+            new_fingerprint=fingerprint(),
             **map_kwargs,
         )
         del loader_iter, loader
@@ -663,6 +676,7 @@ def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> None:
         batch_size=10_000,
         keep_in_memory=True,
         load_from_cache_file=False,
+        new_fingerprint=fresh_fingerprint(f"needs-{kind}"),
         desc=f"needs_{kind}" if state.is_main_process else None,
     )
     del manifest

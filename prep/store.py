@@ -91,6 +91,7 @@ def save_npy(array: np.ndarray, path: str | Path, dtype: np.dtype | str) -> None
 def save_artifact(base: str | Path, kind: str, image_id: str, array: np.ndarray) -> Path:
     """Save one artifact in its on-disk dtype; returns the path."""
     path = artifact_path(base, kind, image_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_npy(array, path, ARTIFACTS[kind].dtype)
     return path
 

@@ -63,7 +63,10 @@ class DINOv3Encoder:
 
     def encode(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """(B, hidden) float32 pooled embeddings and a per-item finite flag."""
-        pixels = self.preprocess(images)
+        return self.encode_pixels(self.preprocess(images))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Like `encode`, for pixels already preprocessed (in DataLoader workers)."""
         with torch.inference_mode():
             pooled = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()
             return pooled.cpu().numpy(), finite_rows(pooled)
