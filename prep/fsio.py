@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +18,31 @@ from typing import IO
 TMP_MARK = ".prep-tmp"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_process_umask()  # the mode open() gives a new file
+
+
+def _target_mode(path: Path) -> int:
+    """The mode the replaced file has (kept on rewrite), else the mode of a fresh file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return _NEW_FILE_MODE
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync it and rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_MARK, dir=path.parent)
     try:
+        with contextlib.suppress(OSError):  # mkstemp creates 0600; give the usual mode instead
+            os.chmod(tmp, _target_mode(path))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"})) as f:
             yield f
             f.flush()

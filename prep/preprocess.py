@@ -97,13 +97,13 @@ def resize_to_cover(
     box = cover_crop_box(orig_w, orig_h, width, height)
     sx, sy = img.width / orig_w, img.height / orig_h
     source_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    resized = img.resize(
-        (width, height), Image.Resampling.LANCZOS, box=source_box, reducing_gap=REDUCING_GAP
-    )
+    resized = img.resize((width, height), Image.Resampling.LANCZOS, box=source_box, reducing_gap=REDUCING_GAP)
     return resized, box
 
 
-def load_bucket_crop(path: str | Path, width: int, height: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def load_bucket_crop(
+    path: str | Path, width: int, height: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Decode + resize-to-cover one file; uint8 (height, width, 3) and its crop box (provenance)."""
     image, original_size = _decode(path, draft_to=(width, height))
     crop, box = resize_to_cover(image, width, height, original_size=original_size)

@@ -10,6 +10,9 @@ weights, and a tokenizer trained here on a few sentences; all saved with `save_p
 from __future__ import annotations
 
 import json
+import math
+import string
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,20 +195,28 @@ def _save_tiny_t5(path: Path) -> None:
 
 def _train_t5_tokenizer():
     """A Unigram tokenizer in T5's layout: <pad>=0, </s>=1, <unk>=2, pieces with '▁'."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
-    backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=160,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        show_progress=False,
+    return T5Tokenizer(
+        vocab=_unigram_vocab(TEST_CAPTIONS), extra_ids=0, model_max_length=config.T5_MAX_LENGTH
     )
-    backend.train_from_iterator(TEST_CAPTIONS, trainer)
-    vocab = [(piece, float(score)) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=config.T5_MAX_LENGTH)
+
+
+def _unigram_vocab(sentences: Sequence[str]) -> list[tuple[str, float]]:
+    """Unigram pieces with log-frequency scores: the corpus words, plus single characters.
+
+    Counted here rather than by the `tokenizers` Unigram trainer, whose scores vary in the
+    last bits from run to run (hash-map order) and then reorder tied pieces: ids must not.
+    """
+    words = Counter(word for sentence in sentences for word in sentence.split())
+    chars = Counter(char for sentence in sentences for char in sentence if not char.isspace())
+    chars.update(string.ascii_letters + string.digits + string.punctuation)  # any ASCII caption
+    total_words, total_chars = sum(words.values()), sum(chars.values())
+    pieces = [("▁" + word, math.log(count / total_words)) for word, count in words.items()]
+    pieces += [(char, math.log(count / total_chars) - 10.0) for char, count in chars.items()]
+    pieces.append(("▁", -2.0))
+    pieces.sort(key=lambda piece: (-piece[1], piece[0]))
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces]
 
 
 def _save_tiny_dinov3(path: Path) -> None:
@@ -292,7 +303,9 @@ def _build_gemma3_processor():
     backend = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(GEMMA3_SPECIAL_TOKENS), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(GEMMA3_SPECIAL_TOKENS), show_progress=False
+    )
     backend.train_from_iterator([config.CAPTION_PROMPT, *TEST_CAPTIONS], trainer)
     trained = json.loads(backend.to_str())["model"]
     tokenizer = GemmaTokenizer(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from prep.testing import make_test_images, make_tiny_models
+
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import imagegen`
 
 
 @pytest.fixture(scope="session")

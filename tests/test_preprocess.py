@@ -248,7 +248,7 @@ def test_resize_to_cover_gives_exact_size_and_centred_box(width: int, height: in
     assert crop.size == (width, height) and crop.mode == "RGB"
     assert all(isinstance(v, int) for v in box)
     left, top, right, bottom = box
-    assert 0 <= left and 0 <= top and right <= 300 and bottom <= 180
+    assert left >= 0 and top >= 0 and right <= 300 and bottom <= 180
     assert abs(left - (300 - right)) <= 1 and abs(top - (180 - bottom)) <= 1
     assert abs((right - left) / (bottom - top) - width / height) < 0.02
     assert right - left == 300 or bottom - top == 180  # covers: one side is kept whole

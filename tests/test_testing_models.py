@@ -113,7 +113,7 @@ def test_an_interrupted_build_is_redone(tmp_path: Path, tiny_models) -> None:
 def test_default_test_images_mix_modes_formats_and_sizes(sample_images: list[Path]) -> None:
     assert len(sample_images) == len(DEFAULT_IMAGE_SPECS) >= 12
     seen_modes, seen_formats = set(), set()
-    for path, spec in zip(sample_images, DEFAULT_IMAGE_SPECS):
+    for path, spec in zip(sample_images, DEFAULT_IMAGE_SPECS, strict=True):
         with Image.open(path) as image:
             assert image.size == (spec.width, spec.height)
             assert max(image.size) <= 256

@@ -41,7 +41,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bfloat16 on CUDA, float32 on CPU. float16 is refused: it overflows these models."""
     key = name.strip().lower()
     if key in _FP16_NAMES:
-        raise ValueError("float16 is not supported: the Flux VAE and T5 overflow in fp16; use bfloat16 or float32")
+        raise ValueError(
+            "float16 is not supported: the Flux VAE and T5 overflow in fp16; use bfloat16 or float32"
+        )
     if key == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if key not in _DTYPE_ALIASES:
@@ -84,7 +86,9 @@ def model_revision(model_id: str) -> str:
 
 def _local_dir_revision(path: Path) -> str:
     files = sorted(
-        f for f in path.rglob("*") if f.is_file() and f.suffix in _REVISION_SUFFIXES and ".cache" not in f.parts
+        f
+        for f in path.rglob("*")
+        if f.is_file() and f.suffix in _REVISION_SUFFIXES and ".cache" not in f.parts
     )
     whole = sum(f.stat().st_size for f in files) <= _FULL_HASH_LIMIT
     digest = hashlib.sha256()

@@ -59,7 +59,9 @@ class VAEEncoder:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         effective_subfolder = effective_vae_subfolder(model_id, subfolder)
-        model = AutoencoderKL.from_pretrained(model_id, subfolder=effective_subfolder, torch_dtype=torch_dtype)
+        model = AutoencoderKL.from_pretrained(
+            model_id, subfolder=effective_subfolder, torch_dtype=torch_dtype
+        )
         model.to(torch_device).eval().requires_grad_(False)
         return cls(
             model, model_id=model_id, subfolder=effective_subfolder, device=torch_device, dtype=torch_dtype
