@@ -32,7 +32,7 @@ def format_bucket(width: int, height: int) -> str:
 def parse_bucket(text: str) -> Bucket:
     """"832x1216" -> (832, 1216); ValueError with a one-line reason for anything else."""
     parts = str(text).strip().lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
         raise ValueError(f"bad bucket {text!r}: expected WxH, e.g. 1024x1024")
     width, height = int(parts[0]), int(parts[1])
     if width <= 0 or height <= 0 or width % BUCKET_MULTIPLE or height % BUCKET_MULTIPLE:

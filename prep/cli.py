@@ -76,6 +76,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "--recaption", action="store_true", help="regenerate captions even where a record has one"
     )
     work.add_argument(
+        "--keep-stale",
+        action="store_true",
+        help="do not recompute artifacts whose provenance is stale (image edited, caption edited, "
+        "other model or bucket); `prep verify` still reports them",
+    )
+    work.add_argument(
         "--no-sidecar-captions",
         action="store_true",
         help="ignore <image stem>.txt caption files beside the images",
@@ -196,6 +202,213 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- export
 def add_export_parsers(subparsers) -> None:
     """`prep export webdataset` and `prep push` (owned by the export module's author)."""
+    export = subparsers.add_parser("export", help="write training shards from a finished manifest")
+    formats = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    p = formats.add_parser(
+        "webdataset",
+        help="WebDataset tar shards per aspect bucket, plus a dataset card (a ready Hub dataset repo)",
+        description="Write every ready record (valid v2 record, caption, mask, and the three .npy side files "
+        "with the right shape and dtype) as a sample of OUT/bucket_WxH/shard-NNNNNN.tar with the members "
+        "{id}.json, {id}.dinov3.npy, {id}.vae.npy, {id}.t5h.npy, {id}.t5m.npy; then OUT/README.md (dataset "
+        "card, one config per bucket), OUT/stats.json and, last, OUT/index.json. Same inputs and seed give "
+        "byte-identical shards; each shard is written to a temp file and renamed when complete.",
+    )
+    p.add_argument(
+        "--input-jsonl",
+        type=Path,
+        default=config.DEFAULT_MANIFEST,
+        help="the manifest to export (default: %(default)s)",
+    )
+    p.add_argument(
+        "--derived-dir",
+        type=Path,
+        default=config.DEFAULT_OUTPUT_BASE_DIR,
+        help="folder holding dinov3/, vae_latents/, t5_hidden/ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=config.DEFAULT_SHARDS_DIR,
+        help="export folder: bucket_WxH/ shard folders, README.md, index.json, stats.json (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s; ~0.7 MB each at 1024^2)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="export at most N samples, taken after shuffling (default: all)"
+    )
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="shuffle the samples with random.Random(--seed) before --limit and sharding "
+        "(default: manifest order); samples are then grouped by bucket, so shards never mix buckets",
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
+    p.add_argument(
+        "--bucket",
+        action="append",
+        default=None,
+        metavar="WxH[,WxH...]",
+        help="export only these buckets; repeatable or a comma list (default: every bucket)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--overwrite", action="store_true", help="delete an existing export in --output-dir and write a new one"
+    )
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted export: keep complete shards whose content matches the plan "
+        "(checked by sha256), rewrite the rest, remove temp files and stale shards",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check readiness and plan the shards; write nothing"
+    )
+    p.add_argument(
+        "--progress-every",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="log a progress line every N samples, 0 = never (default: %(default)s); "
+        "a tqdm bar is shown too when stderr is a terminal",
+    )
+    p.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        help="processes for the readiness check, which reads .npy headers (default: one)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_export_webdataset)
+
+    p = subparsers.add_parser(
+        "push",
+        help="upload an export folder to a Hugging Face dataset repo (resumable)",
+        description="Create the dataset repo (and the branch for --revision) if needed and upload the export "
+        "folder with huggingface_hub's resumable multi-commit upload; rerun to resume an interrupted push. "
+        "The token comes from --token-env, else HF_TOKEN or the `hf auth login` cache; it is never printed.",
+    )
+    p.add_argument("folder", type=Path, help="export folder (with index.json and README.md)")
+    p.add_argument("--repo-id", required=True, help="target dataset repo, OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo as private (an existing repo is unchanged)")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if missing)")
+    p.add_argument(
+        "--token-env",
+        default=None,
+        metavar="VAR",
+        help="read the Hub token from this environment variable (default: HF_TOKEN / login cache)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the folder and list what would be uploaded; no network call"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_export_webdataset(args: argparse.Namespace) -> int:
+    import json
+
+    from prep.export.webdataset import export_webdataset, format_summary
+
+    summary = export_webdataset(
+        args.input_jsonl,
+        args.derived_dir,
+        args.output_dir,
+        shard_size=args.shard_size,
+        limit=args.limit,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        buckets=args.bucket,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        dry_run=args.dry_run,
+        progress_every=args.progress_every,
+        num_proc=args.num_proc,
+    )
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from prep.export.hub import format_push, push_export
+
+    result = push_export(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token_env=args.token_env,
+        dry_run=args.dry_run,
+    )
+    print(format_push(result))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- report
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--manifest", type=Path, default=config.DEFAULT_MANIFEST, help="JSONL manifest (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--derived-dir",
+        "--output-base-dir",
+        dest="derived_dir",
+        type=Path,
+        default=config.DEFAULT_OUTPUT_BASE_DIR,
+        help="dir holding dinov3/, vae_latents/, t5_hidden/ and prep_metadata.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("report"), help="folder for index.html and its PNGs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=16, help="records on the contact sheet (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
+    parser.add_argument(
+        "--no-decode", action="store_true", help="do not load the VAE; the sheet shows originals and crops only"
+    )
+    parser.add_argument(
+        "--vae-model", default=None, help="VAE to decode with (default: the one in prep_metadata.json)"
+    )
+    parser.add_argument(
+        "--vae-subfolder",
+        default=None,
+        help=f"subfolder of --vae-model (default: the recorded one, else {config.VAE_SUBFOLDER})",
+    )
+    parser.add_argument(
+        "--t5-model", default=None, help="T5 tokenizer for token counts (default: the one in prep_metadata.json)"
+    )
+    parser.add_argument("--device", default="auto", help="device for the VAE decode (default: auto = GPU if any)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="decode dtype (default: auto)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, help="threads reading side files (default: %(default)s)"
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prep.report import build_report, summary_line
+
+    if args.samples < 0:
+        raise UserError("--samples must be >= 0")
+    result = build_report(
+        args.manifest,
+        args.derived_dir,
+        args.out,
+        samples=args.samples,
+        seed=args.seed,
+        decode=not args.no_decode,
+        vae_model=args.vae_model,
+        vae_subfolder=args.vae_subfolder,
+        t5_model=args.t5_model,
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+    )
+    print(summary_line(result))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- main
@@ -220,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     add_export_parsers(sub)
+
+    p = sub.add_parser(
+        "report", help="write an HTML report: counts, charts and a contact sheet of sampled records"
+    )
+    add_report_args(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "tiny-models", help="write tiny random models of the real classes (tests, offline smoke runs)"

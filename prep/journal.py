@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,22 +30,25 @@ class Journal:
         self.path = journal_dir(manifest_path) / f"rank-{rank:05d}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
+        self._lock = threading.Lock()  # writer threads append after their file is on disk
 
     def append(self, updates: Iterable[dict]) -> None:
         """Append updates (each with an `image_id`) and make them durable before returning."""
         lines = "".join(json.dumps(u, ensure_ascii=False, separators=(",", ":")) + "\n" for u in updates)
         if not lines:
             return
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across batches
-        self._file.write(lines)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across batches
+            self._file.write(lines)
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_updates(manifest_path: str | Path) -> dict[str, dict]:
@@ -80,3 +84,46 @@ def clear(manifest_path: str | Path) -> None:
                 path.unlink()
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+def apply_update(record: dict, update: dict) -> bool:
+    """Apply one journaled update to a record in place; True if anything changed.
+
+    A key `provenance.<kind>` sets one entry of the record's `provenance` dict, so passes
+    running on different ranks never overwrite each other's stamps.
+    """
+    changed = False
+    for key, value in update.items():
+        target, name = record, key
+        if key.startswith("provenance."):
+            name = key.split(".", 1)[1]
+            if not isinstance(record.get("provenance"), dict):
+                record["provenance"] = {}
+            target = record["provenance"]
+        if name not in target or target[name] != value:
+            target[name] = value
+            changed = True
+    return changed
+
+
+def merge_into_manifest(manifest_path: str | Path) -> int:
+    """Checkpoint: fold the journals into the manifest (one atomic rewrite); returns records changed.
+
+    The journals are kept: other ranks may still be appending. They are cleared only once
+    every rank is done (`clear`).
+    """
+    from prep.manifest import read_manifest, write_manifest
+
+    updates = read_updates(manifest_path)
+    if not updates:
+        return 0
+    manifest = read_manifest(manifest_path)
+    records = list(manifest)
+    changed = 0
+    for record in records:
+        update = updates.get(record.get("image_id"))
+        if update and apply_update(record, update):
+            changed += 1
+    if changed:
+        write_manifest(manifest_path, records, manifest.rejected)
+    return changed

@@ -1,7 +1,10 @@
 """Decode and preprocess images in DataLoader worker processes, in parallel with model compute.
 
-Workers return `(image_id, data, error)` triples: a bad image becomes an error string for
-its row instead of killing the batch, so one corrupt file never stops a run.
+Workers return `(image_id, data, error, fingerprint)`: a bad image becomes an error string
+for its row instead of killing the batch, so one corrupt file never stops a run. The
+fingerprint (size, mtime, sha256 of the file) is taken in the worker too, reusing the
+record's previous one when size and mtime are unchanged, so provenance costs the model
+nothing.
 """
 
 from __future__ import annotations
@@ -13,29 +16,38 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from prep.preprocess import ImageDecodeError
+from prep.provenance import refresh_fingerprint
 
-Item = tuple[str, Any, str | None]
+Item = tuple[str, Any, str | None, dict | None]
 
 
 class ImageRows(Dataset):
     """Rows (id, path) mapped through a picklable top-level `transform(path)`."""
 
-    def __init__(self, image_ids: Sequence[str], paths: Sequence[str], transform: Callable[[str], Any]):
+    def __init__(
+        self,
+        image_ids: Sequence[str],
+        paths: Sequence[str],
+        transform: Callable[[str], Any],
+        fingerprints: Sequence[dict | None] | None = None,
+    ):
         self.image_ids = list(image_ids)
         self.paths = list(paths)
         self.transform = transform
+        self.fingerprints = list(fingerprints) if fingerprints is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        image_id = self.image_ids[index]
+        image_id, path = self.image_ids[index], self.paths[index]
         try:
-            return image_id, self.transform(self.paths[index]), None
+            fingerprint = refresh_fingerprint(path, self.fingerprints[index])
+            return image_id, self.transform(path), None, fingerprint
         except ImageDecodeError as exc:
-            return image_id, None, str(exc)
+            return image_id, None, str(exc), None
         except (OSError, ValueError, MemoryError) as exc:
-            return image_id, None, f"{type(exc).__name__}: {exc}"
+            return image_id, None, f"{type(exc).__name__}: {exc}", None
 
 
 def keep_items(items: list[Item]) -> list[Item]:
@@ -50,11 +62,12 @@ def make_loader(
     *,
     batch_size: int,
     num_workers: int,
+    fingerprints: Sequence[dict | None] | None = None,
 ) -> DataLoader:
     """An ordered DataLoader whose batches line up with the pass's `Dataset.map` batches."""
     workers = max(0, num_workers)
     return DataLoader(
-        ImageRows(image_ids, paths, transform),
+        ImageRows(image_ids, paths, transform, fingerprints),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

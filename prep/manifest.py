@@ -56,6 +56,10 @@ def projection(record: dict) -> dict:
         "width": _int(record.get("width")),
         "height": _int(record.get("height")),
         "needs_migration": needs_migration(record),
+        "provenance": dumps_record(record["provenance"]) if isinstance(record.get("provenance"), dict) else None,
+        "image_fingerprint": dumps_record(record["image_fingerprint"])
+        if isinstance(record.get("image_fingerprint"), dict)
+        else None,
     }
 
 
@@ -70,6 +74,8 @@ PROJECTION_SCHEMA = pa.schema(
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("needs_migration", pa.bool_()),
+        ("provenance", pa.string()),  # JSON text of the record's provenance (or null)
+        ("image_fingerprint", pa.string()),  # JSON text {size, mtime_ns, sha256} (or null)
     ]
 )
 
@@ -125,6 +131,15 @@ def _check_line(obj: object, seen_ids: dict, seen_paths: dict, lineno: int) -> s
     return None
 
 
+def _is_utf8(text: str) -> bool:
+    """Arrow strings are UTF-8: raw non-UTF-8 bytes (read surrogate-escaped) or a lone \\ud800 escape are not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Read a JSONL manifest; a missing file is an empty manifest. Bad lines are set aside."""
     path = Path(path)
@@ -146,7 +161,7 @@ def read_manifest(path: str | Path) -> Manifest:
             texts.clear()
             rows.clear()
 
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a leading BOM is skipped
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip():
@@ -157,13 +172,16 @@ def read_manifest(path: str | Path) -> Manifest:
                 manifest.rejected.append(RejectedLine(lineno, line, f"bad JSON: {exc.msg}"))
                 continue
             reason = _check_line(obj, seen_ids, seen_paths, lineno)
+            text = dumps_record(obj) if reason is None else ""
+            if reason is None and not _is_utf8(text):
+                reason = "not valid UTF-8"
             if reason:
                 manifest.rejected.append(RejectedLine(lineno, line, reason))
                 continue
             seen_paths[obj["image_path"]] = lineno
             if obj.get("image_id") is not None:
                 seen_ids[obj["image_id"]] = lineno
-            texts.append(dumps_record(obj))
+            texts.append(text)
             rows.append({"row": count, **projection(obj)})
             count += 1
             if len(texts) >= CHUNK:

@@ -21,141 +21,43 @@ on an in-memory dataset. No collective runs during long work, only between passe
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from prep import journal, store
-from prep.buckets import ASPECT_BUCKETS, Bucket, assign_aspect_bucket, parse_bucket, parse_bucket_list
-from prep.config import PASSES, ModelConfig
+from prep import journal, provenance, store
+from prep.buckets import assign_aspect_bucket, format_bucket, parse_bucket
 from prep.errors import UserError
 from prep.manifest import Manifest, read_manifest, write_manifest
 from prep.migrate import EXTRACTED, FAILED, MIGRATED, ids_for_records, migrate_record
-from prep.records import new_record
+from prep.needs import NEEDS, NeedsPlan
+from prep.options import RunOptions
+from prep.passes import (
+    AsyncWriter,
+    PassContext,
+    config_fields,
+    expected_config,
+    fresh_fingerprint,
+    load_encoder,
+    model_id_of,
+    run_pass_on_shard,
+)
+from prep.records import has_caption, needs_migration, new_record
 from prep.scan import assign_image_ids, iter_image_files, read_headers, relative_key
+from prep.tally import Tally, progress_line, refreshed_line
 
 logger = logging.getLogger("prep")
 
-OK, FAIL = "ok", "failed"
+__all__ = ["RunOptions", "RunSummary", "run", "run_job"]
 
 
 class RunError(UserError):
     """An expected condition that stops the run (bad input, no space); reported as one line."""
-
-
-# ------------------------------------------------------------------------------ options
-@dataclass
-class RunOptions:
-    """Everything a run needs; built from the CLI or directly from Python."""
-
-    manifest: Path
-    output_base_dir: Path
-    images: Path | None = None
-    pass_: str = "all"
-    buckets: list[Bucket] = field(default_factory=lambda: list(ASPECT_BUCKETS))
-    models: ModelConfig = field(default_factory=ModelConfig)
-    recaption: bool = False
-    sidecar_captions: bool = True
-    verify: bool = False
-    no_resume: bool = False
-    min_free_gb: float = 20.0
-    batch_size: int = 8
-    text_batch_size: int = 64
-    caption_batch_size: int = 4
-    num_workers: int = 2
-    checkpoint_every: int = 50
-    verbose: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RunOptions:
-        models = ModelConfig(
-            vae_model=args.vae_model,
-            vae_subfolder=args.vae_subfolder or None,
-            t5_model=args.t5_model,
-            dinov3_model=args.dinov3_model,
-            caption_model=args.caption_model,
-            caption_prompt=args.caption_prompt,
-            caption_max_new_tokens=args.caption_max_new_tokens,
-            device=args.device,
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-        return cls(
-            manifest=args.manifest,
-            output_base_dir=args.output_base_dir,
-            images=args.images,
-            pass_=args.pass_,
-            buckets=parse_bucket_list(args.buckets) if args.buckets else list(ASPECT_BUCKETS),
-            models=models,
-            recaption=args.recaption,
-            sidecar_captions=not args.no_sidecar_captions,
-            verify=args.verify,
-            no_resume=args.no_resume,
-            min_free_gb=args.min_free_gb,
-            batch_size=args.batch_size,
-            text_batch_size=args.text_batch_size,
-            caption_batch_size=args.caption_batch_size,
-            num_workers=args.num_workers,
-            checkpoint_every=args.checkpoint_every,
-            verbose=args.verbose,
-        )
-
-    def selected_passes(self) -> tuple[str, ...]:
-        return PASSES if self.pass_ == "all" else (self.pass_,)
-
-
-# ----------------------------------------------------------------------------- counters
-@dataclass
-class Tally:
-    """What happened to which records on one rank; merged on the main rank at the end."""
-
-    new: set[str] = field(default_factory=set)
-    migrated: set[str] = field(default_factory=set)
-    extracted: set[str] = field(default_factory=set)
-    enriched: set[str] = field(default_factory=set)
-    failed: dict[str, str] = field(default_factory=dict)
-    unreadable: int = 0
-
-    def merge(self, other: Tally) -> None:
-        for name in ("new", "migrated", "extracted", "enriched"):
-            getattr(self, name).update(getattr(other, name))
-        self.failed.update(other.failed)
-        self.unreadable += other.unreadable
-
-    def counts(self, total: int) -> dict[str, int]:
-        """Each record counted once: failed > new > migrated > extracted > enriched > skipped."""
-        failed = set(self.failed)
-        new = self.new - failed
-        migrated = self.migrated - failed - new
-        extracted = self.extracted - failed - new - migrated
-        enriched = self.enriched - failed - new - migrated - extracted
-        counted = len(failed) + len(new) + len(migrated) + len(extracted) + len(enriched)
-        return {
-            "new": len(new),
-            "migrated": len(migrated),
-            "enriched": len(enriched),
-            "extracted": len(extracted),
-            "skipped": max(0, total - counted),
-            "failed": len(failed),
-            "total": total,
-        }
-
-
-def progress_line(counts: dict[str, int], rate: float) -> str:
-    """The seeds' progress format."""
-    return (
-        f"progress: {counts['new']} new, {counts['migrated']} migrated, {counts['enriched']} enriched, "
-        f"{counts['extracted']} extracted, {counts['skipped']} skipped, {counts['failed']} failed "
-        f"(total: {counts['total']}) rate={rate:.1f}/s"
-    )
 
 
 # ------------------------------------------------------------------------------- checks
@@ -260,16 +162,6 @@ def sidecar_caption(image_path: str) -> str | None:
     return text or None
 
 
-def apply_update(record: dict, update: dict) -> bool:
-    """Apply a journaled update to a record; True if anything changed."""
-    changed = False
-    for key, value in update.items():
-        if record.get(key) != value or key not in record:
-            record[key] = value
-            changed = True
-    return changed
-
-
 def prepare_manifest(opts: RunOptions, tally: Tally) -> None:
     """Main rank only: recover journals, scan, sidecars, migrate; one atomic rewrite if anything changed."""
     if opts.no_resume:
@@ -292,20 +184,87 @@ def prepare_manifest(opts: RunOptions, tally: Tally) -> None:
     if updates:
         by_id = {r.get("image_id"): r for r in records}
         for image_id, update in updates.items():
-            if image_id in by_id and apply_update(by_id[image_id], update):
+            if image_id in by_id and journal.apply_update(by_id[image_id], update):
                 changed = True
     records.extend(new_records)
     if run_sidecars:
-        for record in records:
-            if not record.get("caption") and (caption := sidecar_caption(record["image_path"])):
-                record["caption"] = caption
-                tally.enriched.add(record.get("image_id") or record["image_path"])
-                changed = True
+        changed |= apply_sidecar_captions(records, tally)
     if run_migrate:
         changed |= migrate_all(records, opts, tally)
+    changed |= rebucket(records, opts)
+    changed |= refresh_image_fingerprints(records)
     if changed:
         write_manifest(opts.manifest, records, manifest.rejected)
     journal.clear(opts.manifest)
+
+
+def apply_sidecar_captions(records: list[dict], tally: Tally) -> bool:
+    """Captions from `<stem>.txt` files: for records without one, and where the sidecar changed since."""
+    changed = False
+    for record in records:
+        stamp = (record.get("provenance") or {}).get("caption") or {}
+        from_sidecar = stamp.get("source") == "sidecar" and stamp.get(
+            "text_sha256"
+        ) == provenance.text_sha256(record.get("caption"))
+        if has_caption(record) and not from_sidecar:
+            continue
+        caption = sidecar_caption(record["image_path"])
+        if caption and caption != record.get("caption"):
+            journal.apply_update(
+                record,
+                {
+                    "caption": caption,
+                    "provenance.caption": {
+                        "source": "sidecar",
+                        "text_sha256": provenance.text_sha256(caption),
+                    },
+                },
+            )
+            tally.enriched.add(record.get("image_id") or record["image_path"])
+            changed = True
+    return changed
+
+
+def rebucket(records: list[dict], opts: RunOptions) -> bool:
+    """Move v2 records to the nearest bucket of the current set (their VAE latent then goes stale)."""
+    moved = 0
+    for record in records:
+        width, height, bucket = record.get("width"), record.get("height"), record.get("aspect_bucket")
+        if (
+            needs_migration(record)
+            or type(width) is not int
+            or type(height) is not int
+            or width <= 0
+            or height <= 0
+        ):
+            continue
+        nearest = assign_aspect_bucket(width, height, opts.buckets)
+        if nearest != bucket:
+            record["aspect_bucket"] = nearest
+            moved += 1
+    if moved:
+        logger.info("%d records moved to a new aspect bucket (the bucket set changed)", moved)
+    return moved > 0
+
+
+def refresh_image_fingerprints(records: list[dict]) -> bool:
+    """Re-hash images whose size or mtime changed since their fingerprint; True if any changed.
+
+    Only files with a fingerprint are checked (the passes take the first one when they read
+    an image), and a file whose size and mtime are unchanged is never hashed.
+    """
+    changed = 0
+    for record in records:
+        previous = record.get("image_fingerprint")
+        if not isinstance(previous, dict):
+            continue
+        current = provenance.refresh_fingerprint(record["image_path"], previous)
+        if current is not None and current != previous:
+            record["image_fingerprint"] = current
+            changed += 1
+    if changed:
+        logger.info("%d image files changed on disk since their fingerprint", changed)
+    return changed > 0
 
 
 def migrate_all(records: list[dict], opts: RunOptions, tally: Tally) -> bool:
@@ -327,351 +286,30 @@ def migrate_all(records: list[dict], opts: RunOptions, tally: Tally) -> bool:
     return changed
 
 
-def checkpoint(manifest_path: Path) -> int:
-    """Merge journaled updates into the manifest (atomically); returns how many records changed."""
-    updates = journal.read_updates(manifest_path)
-    if not updates:
-        return 0
-    manifest = read_manifest(manifest_path)
-    records = list(manifest)
-    changed = 0
-    for record in records:
-        update = updates.get(record.get("image_id"))
-        if update and apply_update(record, update):
-            changed += 1
-    if changed:
-        write_manifest(manifest_path, records, manifest.rejected)
-    return changed
-
-
-# -------------------------------------------------------------------------------- needs
-def needs_caption(batch: dict, opts: RunOptions) -> list[bool]:
-    return [
-        (caption is None or opts.recaption) and image_id is not None and not migrating
-        for caption, image_id, migrating in zip(
-            batch["caption"], batch["image_id"], batch["needs_migration"], strict=True
-        )
-    ]
-
-
-def _needs_artifact(kind: str, batch: dict, base: Path) -> list[bool]:
-    out = []
-    for image_id, bucket, migrating in zip(
-        batch["image_id"], batch["aspect_bucket"], batch["needs_migration"], strict=True
-    ):
-        if image_id is None or migrating or (kind == "vae" and bucket is None):
-            out.append(False)
-        else:
-            out.append(not store.artifact_ok(base, kind, {"image_id": image_id, "aspect_bucket": bucket}))
-    return out
-
-
-def needs_t5(batch: dict, opts: RunOptions) -> list[bool]:
-    file_missing = _needs_artifact("t5", batch, opts.output_base_dir)
-    return [
-        caption is not None and (missing or not mask_ok)
-        for caption, mask_ok, missing in zip(batch["caption"], batch["mask_ok"], file_missing, strict=True)
-    ]
-
-
-def needs_dinov3(batch: dict, opts: RunOptions) -> list[bool]:
-    return _needs_artifact("dinov3", batch, opts.output_base_dir)
-
-
-def needs_vae(batch: dict, opts: RunOptions) -> list[bool]:
-    return _needs_artifact("vae", batch, opts.output_base_dir)
-
-
-NEEDS: dict[str, Callable[[dict, RunOptions], list[bool]]] = {
-    "caption": needs_caption,
-    "t5": needs_t5,
-    "dinov3": needs_dinov3,
-    "vae": needs_vae,
-}
-
-
-# ------------------------------------------------------------------------------ writing
-class AsyncWriter:
-    """Side-file writes on a small thread pool, so the model never waits on the disk.
-
-    At most `max_pending` writes are in flight (bounded memory); the first write error
-    is raised on the next submit or on `drain`.
-    """
-
-    def __init__(self, threads: int = 2, max_pending: int = 64):
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prep-writer")
-        self.pending: list[Future] = []
-        self.max_pending = max_pending
-
-    def submit(self, fn: Callable, *args) -> None:
-        self._reap(block=len(self.pending) >= self.max_pending)
-        self.pending.append(self.pool.submit(fn, *args))
-
-    def _reap(self, block: bool) -> None:
-        if block and self.pending:
-            self.pending[0].result()
-        done = [f for f in self.pending if f.done()]
-        self.pending = [f for f in self.pending if not f.done()]
-        for future in done:
-            future.result()  # re-raise a write error here, in the main thread
-
-    def drain(self) -> None:
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pending = []
-
-    def close(self) -> None:
-        try:
-            self.drain()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-# ------------------------------------------------------------------------------ encoders
-def load_encoder(kind: str, opts: RunOptions, device: str):
-    """Load one model through the production `from_pretrained` path."""
-    m = opts.models
-    if kind == "caption":
-        from prep.encoders.captioner import Captioner
-
-        return Captioner.load(
-            m.caption_model,
-            device=device,
-            dtype=m.dtype,
-            prompt=m.caption_prompt,
-            max_new_tokens=m.caption_max_new_tokens,
-            trust_remote_code=m.trust_remote_code,
-        )
-    if kind == "t5":
-        from prep.encoders.t5 import T5Encoder
-
-        return T5Encoder.load(m.t5_model, device=device, dtype=m.dtype)
-    if kind == "dinov3":
-        from prep.encoders.dinov3 import DINOv3Encoder
-
-        return DINOv3Encoder.load(m.dinov3_model, device=device, dtype=m.dtype)
-    if kind == "vae":
-        from prep.encoders.vae import VAEEncoder
-
-        return VAEEncoder.load(m.vae_model, subfolder=m.vae_subfolder, device=device, dtype=m.dtype)
-    raise KeyError(kind)
-
-
-def model_id_of(kind: str, opts: RunOptions) -> str:
-    m = opts.models
-    return {"caption": m.caption_model, "t5": m.t5_model, "dinov3": m.dinov3_model, "vae": m.vae_model}[kind]
-
-
-def run_with_oom_retry(fn: Callable[[list], list], items: list) -> list:
-    """Run `fn` on a batch; on CUDA out-of-memory, retry in halves down to single items."""
-    import torch
-
-    try:
-        return fn(items)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        if len(items) == 1:
-            raise
-        logger.warning("CUDA out of memory on a batch of %d; retrying in halves", len(items))
-        half = len(items) // 2
-        return run_with_oom_retry(fn, items[:half]) + run_with_oom_retry(fn, items[half:])
-
-
-# --------------------------------------------------------------------------- pass state
 @dataclass
-class PassContext:
-    """What a pass's map function needs besides its batch."""
+class PassStats:
+    """Timing of one pass on one rank: the figures the benchmarks read."""
 
     kind: str
-    opts: RunOptions
-    encoder: object
-    journal: journal.Journal
-    writer: AsyncWriter
-    tally: Tally
-    is_main: bool
-    batches_done: int = 0
-    records_done: int = 0
+    records: int = 0
+    load_seconds: float = 0.0
+    encode_seconds: float = 0.0  # wall time of the map, model loading excluded
+    model_seconds: float = 0.0  # time inside the model's forward / generate
 
-    def fail(self, image_id: str, reason: str) -> str:
-        self.tally.failed[image_id] = f"{self.kind}: {reason}"
-        logger.warning("failed %s %s: %s", self.kind, image_id, reason)
-        return FAIL
-
-    def succeed(self, image_id: str) -> str:
-        self.tally.enriched.add(image_id)
-        if self.opts.verbose:
-            logger.debug("%s %s: done", self.kind, image_id)
-        return OK
-
-    def after_batch(self, size: int) -> None:
-        self.batches_done += 1
-        self.records_done += size
-        if (
-            self.is_main
-            and self.kind in ("caption", "t5")
-            and self.batches_done % self.opts.checkpoint_every == 0
-        ):
-            checkpoint(self.opts.manifest)
+    @property
+    def model_share(self) -> float:
+        return self.model_seconds / self.encode_seconds if self.encode_seconds else 0.0
 
 
-def image_transform(kind: str, encoder, bucket: str | None) -> Callable[[str], object]:
-    """The picklable per-image work the DataLoader workers do for a pass."""
-    from prep import preprocess
-
-    if kind == "vae":
-        width, height = parse_bucket(bucket)
-        return functools.partial(preprocess.load_bucket_image, width=width, height=height)
-    if kind == "dinov3":
-        return functools.partial(dinov3_pixels, encoder.processor)
-    return preprocess.open_rgb
-
-
-def dinov3_pixels(processor, path: str):
-    """Decode + DINOv3 preprocessing in a worker: (3, 224, 224) float tensor."""
-    from prep.preprocess import open_rgb
-
-    return processor(images=[open_rgb(path)], return_tensors="pt")["pixel_values"][0]
-
-
-def encode_image_batch(batch: dict, *, ctx: PassContext, loader_iter: Iterator) -> dict:
-    """The `Dataset.map` function of image passes: take the prefetched batch, encode, write."""
-    items = next(loader_iter)
-    ids = batch["image_id"]
-    if [item[0] for item in items] != ids:
-        raise RuntimeError("data loader out of step with the dataset (this is a bug)")
-    status = {image_id: FAIL for image_id in ids}
-    good = []
-    for image_id, data, error in items:
-        if error is not None:
-            status[image_id] = ctx.fail(image_id, error)
-        else:
-            good.append((image_id, data))
-    if good:
-        try:
-            outputs = run_with_oom_retry(functools.partial(encode_items, ctx), good)
-        except Exception as exc:  # a model error fails this batch's records, not the run
-            if isinstance(exc, OSError):
-                raise
-            outputs = [(image_id, None, f"{type(exc).__name__}: {exc}") for image_id, _ in good]
-        for image_id, result, error in outputs:
-            if error is not None:
-                status[image_id] = ctx.fail(image_id, error)
-            elif ctx.kind == "caption":
-                ctx.journal.append([{"image_id": image_id, "caption": result}])
-                status[image_id] = ctx.succeed(image_id)
-            else:
-                ctx.writer.submit(store.save_artifact, ctx.opts.output_base_dir, ctx.kind, image_id, result)
-                status[image_id] = ctx.succeed(image_id)
-    ctx.after_batch(len(ids))
-    return {"status": [status[i] for i in ids]}
-
-
-def encode_items(ctx: PassContext, good: list[tuple[str, object]]) -> list[tuple[str, object, str | None]]:
-    """Run the pass's model on decoded items; returns (id, result, error) per item."""
-    import numpy as np
-    import torch
-
-    ids = [image_id for image_id, _ in good]
-    data = [d for _, d in good]
-    if ctx.kind == "caption":
-        captions = ctx.encoder.caption(data)
-        return [
-            (i, c.strip(), None if c.strip() else "empty caption") for i, c in zip(ids, captions, strict=True)
-        ]
-    if ctx.kind == "dinov3":
-        arrays, finite = ctx.encoder.encode_pixels(torch.stack(data))
-    else:
-        from prep.preprocess import to_vae_pixels
-
-        arrays, finite = ctx.encoder.encode(to_vae_pixels(np.stack(data)))
-    return [
-        (i, np.array(a), None if ok else "non-finite output")
-        for i, a, ok in zip(ids, arrays, finite, strict=True)
-    ]
-
-
-def encode_text_batch(batch: dict, *, ctx: PassContext) -> dict:
-    """The `Dataset.map` function of the T5 pass: hidden states to disk, masks to the journal."""
-    ids, captions = batch["image_id"], batch["caption"]
-    rows = run_with_oom_retry(
-        lambda chunk: list(zip(*ctx.encoder.encode(chunk), strict=True)), list(captions)
-    )
-    statuses, updates = [], []
-    for image_id, (array, mask, ok) in zip(ids, rows, strict=True):
-        if not ok:
-            statuses.append(ctx.fail(image_id, "non-finite output"))
-            continue
-        store.save_artifact(ctx.opts.output_base_dir, "t5", image_id, array)  # file first, then the mask
-        updates.append({"image_id": image_id, "t5_attention_mask": [int(v) for v in mask]})
-        statuses.append(ctx.succeed(image_id))
-    ctx.journal.append(updates)
-    ctx.after_batch(len(ids))
-    return {"status": statuses}
-
-
-def fresh_fingerprint(kind: str) -> str:
-    import uuid
-
-    return f"prep-{kind}-{uuid.uuid4().hex}"
-
-
-def group_by_bucket(ds) -> list[tuple[str | None, object]]:
-    """Split a dataset into per-bucket datasets (sorted bucket order), so a batch never mixes shapes."""
-    buckets = ds["aspect_bucket"]
-    groups: dict[str, list[int]] = {}
-    for index, bucket in enumerate(buckets):
-        groups.setdefault(bucket, []).append(index)
-    return [(bucket, ds.select(indices)) for bucket, indices in sorted(groups.items())]
-
-
-def run_pass_on_shard(ctx: PassContext, shard, progress: bool) -> None:
-    """Encode one rank's share of a pass with `Dataset.map`."""
-    from prep.loader import make_loader
-
-    map_kwargs = {"batched": True, "load_from_cache_file": False, "keep_in_memory": True}
-    # A fresh fingerprint per map: the datasets cache must never replay side-effecting work,
-    # and the closures (models, loaders) are not meant to be hashed.
-    fingerprint = functools.partial(fresh_fingerprint, ctx.kind)
-    if ctx.kind == "t5":
-        shard.map(
-            functools.partial(encode_text_batch, ctx=ctx),
-            batch_size=ctx.opts.text_batch_size,
-            desc="t5",
-            new_fingerprint=fingerprint(),
-            **map_kwargs,
-        )
-        return
-    batch_size = ctx.opts.caption_batch_size if ctx.kind == "caption" else ctx.opts.batch_size
-    groups = group_by_bucket(shard) if ctx.kind == "vae" else [(None, shard)]
-    for bucket, group in groups:
-        loader = make_loader(
-            group["image_id"],
-            group["image_path"],
-            image_transform(ctx.kind, ctx.encoder, bucket),
-            batch_size=batch_size,
-            num_workers=ctx.opts.num_workers,
-        )
-        loader_iter = iter(loader)
-        group.map(
-            functools.partial(encode_image_batch, ctx=ctx, loader_iter=loader_iter),
-            batch_size=batch_size,
-            desc=f"{ctx.kind}{' ' + bucket if bucket else ''}",
-            new_fingerprint=fingerprint(),
-            **map_kwargs,
-        )
-        del loader_iter, loader
-        ctx.writer.drain()
-
-
-def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> None:
+def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> PassStats:
     """One pass on every rank: filter (all ranks) -> barrier -> shard -> load -> map -> unload."""
     import datasets
 
+    device = device_for(opts, state)
+    plan = NeedsPlan(opts, expected_config(kind, opts, device))
     manifest = read_manifest(opts.manifest)
     todo = manifest.to_dataset().filter(
-        functools.partial(NEEDS[kind], opts=opts),
+        functools.partial(NEEDS[kind], plan=plan),
         batched=True,
         batch_size=10_000,
         keep_in_memory=True,
@@ -683,11 +321,19 @@ def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> None:
     state.wait_for_everyone()  # every rank has decided the work before anyone writes
     shard = todo.shard(state.num_processes, state.process_index, contiguous=True)
     if state.is_main_process:
-        logger.info("%s: %d records need work (%d on this rank)", kind, len(todo), len(shard))
+        stale = (
+            f", {len(plan.stale)} stale{' (kept: --keep-stale)' if opts.keep_stale else ''}"
+            if plan.stale
+            else ""
+        )
+        logger.info("%s: %d records need work%s (%d on this rank)", kind, len(todo), stale, len(shard))
+    stats = PassStats(kind, records=len(shard))
     if len(shard):
         started = time.perf_counter()
-        encoder = load_encoder(kind, opts, device_for(opts, state))
-        record_models_used(kind, encoder, opts)
+        encoder = load_encoder(kind, opts, device)
+        stats.load_seconds = time.perf_counter() - started
+        stamp_base = config_fields(kind, opts, str(encoder.dtype))
+        record_models_used(kind, encoder, opts, stamp_base)
         ctx = PassContext(
             kind=kind,
             opts=opts,
@@ -696,11 +342,17 @@ def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> None:
             writer=AsyncWriter(),
             tally=tally,
             is_main=state.is_main_process,
+            stamp_base=stamp_base,
+            stale=plan.stale,
         )
         try:
             if not state.is_main_process:
                 datasets.disable_progress_bars()
-            run_pass_on_shard(ctx, shard, progress=state.is_main_process)
+            encode_started = time.perf_counter()
+            run_pass_on_shard(ctx, shard)
+            ctx.writer.drain()
+            stats.encode_seconds = time.perf_counter() - encode_started
+            stats.model_seconds = ctx.model_seconds
         finally:
             ctx.writer.close()
             ctx.journal.close()
@@ -709,18 +361,21 @@ def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> None:
             free_memory()
         elapsed = time.perf_counter() - started
         logger.info(
-            "%s: rank %d encoded %d records in %.1f s (%.2f/s)",
+            "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
             kind,
             state.process_index,
             len(shard),
             elapsed,
             len(shard) / max(elapsed, 1e-9),
+            stats.load_seconds,
+            100 * stats.model_share,
         )
     state.wait_for_everyone()
     if state.is_main_process:
-        checkpoint(opts.manifest)
+        journal.merge_into_manifest(opts.manifest)
         journal.clear(opts.manifest)
     state.wait_for_everyone()
+    return stats
 
 
 def free_memory() -> None:
@@ -736,22 +391,21 @@ def device_for(opts: RunOptions, state) -> str:
     return str(state.device) if opts.models.device == "auto" else opts.models.device
 
 
-def record_models_used(kind: str, encoder, opts: RunOptions) -> None:
+def record_models_used(kind: str, encoder, opts: RunOptions, stamp_base: dict) -> None:
     """Write which model made which artifact (and the latent convention) to prep_metadata.json."""
-    from prep.encoders.common import model_revision
-
-    model_id = model_id_of(kind, opts)
-    entry = {"model_id": model_id, "revision": model_revision(model_id)}
-    updates: dict = {}
+    entry = {
+        "model_id": model_id_of(kind, opts),
+        "revision": stamp_base["revision"],
+        "dtype": stamp_base["dtype"],
+    }
+    updates: dict = {"buckets": [format_bucket(w, h) for w, h in opts.buckets]}
     metadata = store.read_metadata(opts.output_base_dir)
     models = dict(metadata.get("models", {}))
     models[kind] = entry
     updates["models"] = models
     if kind == "vae":
         updates["vae"] = encoder.convention()
-    if metadata.get("models", {}).get(kind) != entry or (
-        kind == "vae" and metadata.get("vae") != updates["vae"]
-    ):
+    if any(metadata.get(key) != value for key, value in updates.items()):
         store.update_metadata(opts.output_base_dir, updates)
 
 
@@ -776,8 +430,18 @@ def gather_tallies(state, tally: Tally) -> Tally:
     return merged
 
 
-def run(opts: RunOptions) -> int:
-    """The main job. Returns the process exit code."""
+@dataclass
+class RunSummary:
+    """What a run did: counts (main rank), this rank's pass timings, wall time, exit code."""
+
+    counts: dict[str, int]
+    passes: list[PassStats]
+    seconds: float
+    exit_code: int
+
+
+def run_job(opts: RunOptions) -> RunSummary:
+    """The main job; every rank calls it. Counts are complete on the main rank only."""
     check_inputs(opts)
     state = make_state(opts)
     started = time.perf_counter()
@@ -785,17 +449,17 @@ def run(opts: RunOptions) -> int:
     if state.is_main_process:
         prepare_manifest(opts, tally)
     state.wait_for_everyone()
-    for kind in opts.selected_passes():
-        if kind != "migrate":
-            run_encoder_pass(kind, opts, state, tally)
+    passes = [
+        run_encoder_pass(kind, opts, state, tally) for kind in opts.selected_passes() if kind != "migrate"
+    ]
     merged = gather_tallies(state, tally)
-    code = 0
+    code, counts = 0, {}
     if state.is_main_process:
-        total = len(read_manifest(opts.manifest))
-        counts = merged.counts(total)
+        counts = merged.counts(len(read_manifest(opts.manifest)))
         elapsed = time.perf_counter() - started
-        worked = total - counts["skipped"]
-        print(progress_line(counts, worked / max(elapsed, 1e-9)), flush=True)
+        print(progress_line(counts, (counts["total"] - counts["skipped"]) / max(elapsed, 1e-9)), flush=True)
+        if line := refreshed_line(merged):
+            print(line, flush=True)
         if merged.unreadable:
             print(f"scan: {merged.unreadable} unreadable files skipped (see warnings above)", flush=True)
         if opts.verify:
@@ -805,4 +469,9 @@ def run(opts: RunOptions) -> int:
             print_report(report)
             code = 0 if report.ok else 1
     state.wait_for_everyone()
-    return code
+    return RunSummary(counts, passes, time.perf_counter() - started, code)
+
+
+def run(opts: RunOptions) -> int:
+    """The main job. Returns the process exit code."""
+    return run_job(opts).exit_code

@@ -6,7 +6,6 @@ untouched: `prep` only adds or updates the fields it owns.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -26,6 +25,7 @@ INLINE_DINOV3_FIELD = "dinov3_embedding"
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _BUCKET = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
+_FLOAT32_MAX = 3.4028234663852886e38  # larger values (and NaN, inf) are not finite once saved as float32
 
 
 def is_safe_id(value: Any) -> bool:
@@ -112,7 +112,7 @@ def inline_embedding_problem(record: dict) -> str | None:
         return "inline dinov3_embedding is not a list"
     if len(vector) != DINOV3_DIM:
         return f"inline dinov3_embedding has length {len(vector)}, expected {DINOV3_DIM}"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vector):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX for v in vector):
         return "inline dinov3_embedding has non-numeric or non-finite values"
     return None
 

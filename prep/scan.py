@@ -47,13 +47,34 @@ def iter_image_files(root: str | Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
+def _jpeg_has_eoi(data: bytes) -> bool:
+    """True if an EOI marker follows the first scan: walk the segments (skipping APP1's EXIF
+    thumbnail, which has its own EOI) to the first SOS; entropy data never holds FF D9."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        if data[pos + 1] == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if data[pos + 1] == 0xDA:  # SOS
+            return data.find(b"\xff\xd9", pos) != -1
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
 def _looks_truncated(path: Path, image_format: str | None) -> bool:
     """Cheap truncation check without decoding: a JPEG must end with EOI, a PNG must verify."""
     if image_format == "JPEG":
         size = path.stat().st_size
         with open(path, "rb") as f:
             f.seek(max(0, size - 4096))
-            return b"\xff\xd9" not in f.read()
+            if b"\xff\xd9" in f.read():
+                return False
+            # No EOI near the end: cut short, or data appended after the image (a phone's
+            # "motion photo" video); only then read the whole file to tell the two apart.
+            f.seek(0)
+            return not _jpeg_has_eoi(f.read())
     if image_format == "PNG":
         with Image.open(path) as img:
             img.verify()  # reads chunks and CRCs, decodes no pixels; raises if cut short
@@ -64,6 +85,10 @@ def read_image_header(path: str | Path) -> ImageHeader:
     """Width and height as a viewer shows the image (EXIF 5-8 swap them); never raises."""
     path = Path(path)
     try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 name (surrogate-escaped) cannot go into the JSON manifest
+        return ImageHeader(path, error="file name is not valid UTF-8")
+    try:
         if path.stat().st_size == 0:
             return ImageHeader(path, error="empty file")
         with warnings.catch_warnings():
@@ -71,7 +96,10 @@ def read_image_header(path: str | Path) -> ImageHeader:
             with Image.open(path) as img:
                 width, height = img.size
                 image_format = img.format
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+                # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
+                # image data; the header-only scan uses the eXIf read with the header (before IDAT).
+                pixels_needed = image_format == "PNG" and "exif" not in img.info
+                orientation = 1 if pixels_needed else img.getexif().get(EXIF_ORIENTATION, 1)
             if _looks_truncated(path, image_format):
                 return ImageHeader(path, error="truncated file")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -99,7 +99,8 @@ def save_artifact(base: str | Path, kind: str, image_id: str, array: np.ndarray)
 def load_npy(path: str | Path) -> np.ndarray | None:
     """The array, or None when the file is missing, truncated, pickled or otherwise unreadable."""
     try:
-        return np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # the .npy format only: np.load would also open .npz archives
+            return np.lib.format.read_array(f, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
 
@@ -159,9 +160,10 @@ def artifact_ok(base: str | Path, kind: str, record: dict, *, read_data: bool = 
 def read_metadata(base: str | Path) -> dict:
     """The dataset-level metadata (latent convention, models); {} when absent or unreadable."""
     try:
-        return json.loads((Path(base) / METADATA_FILE).read_text(encoding="utf-8"))
+        metadata = json.loads((Path(base) / METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def update_metadata(base: str | Path, updates: dict) -> dict:

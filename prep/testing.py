@@ -110,6 +110,7 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     if _tiny_models_complete(out, seed):
         return paths
     out.mkdir(parents=True, exist_ok=True)
+    (out / TINY_MODELS_MARKER).unlink(missing_ok=True)  # a half-rebuilt set must never look complete
     builders = {
         "vae": _save_tiny_vae,
         "t5": _save_tiny_t5,

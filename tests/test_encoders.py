@@ -6,6 +6,7 @@ so a wrong transform, dtype, padding side or pooling makes these tests fail.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -291,6 +292,26 @@ def test_dinov3_embedding_equals_the_pooler_output(tiny_models, sample_images) -
         exact = model(pixel_values=encoder.preprocess(images)).pooler_output.numpy()
     np.testing.assert_allclose(embeddings, exact, rtol=1e-5, atol=1e-5)
     assert len({e.tobytes() for e in embeddings}) == 4
+    from_pixels, _ = encoder.encode_pixels(encoder.preprocess(images))
+    np.testing.assert_array_equal(from_pixels, embeddings)
+
+
+def test_dinov3_processor_pickles_for_dataloader_workers(tiny_models, sample_images) -> None:
+    encoder = DINOv3Encoder.load(str(tiny_models["dinov3"]), device="cpu")
+    processor = pickle.loads(pickle.dumps(encoder.processor))
+    image = open_rgb(sample_images[0])
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, encoder.preprocess([image]))
+
+
+def test_dinov3_flags_non_finite_items(tiny_models) -> None:
+    encoder = DINOv3Encoder.load(str(tiny_models["dinov3"]), device="cpu")
+    pixels = torch.zeros(2, 3, 224, 224)
+    pixels[0, 1, 100, 100] = float("inf")
+
+    _, finite = encoder.encode_pixels(pixels)
+
+    assert finite.tolist() == [False, True]
 
 
 def test_dinov3_processor_is_pil_backed_without_torchvision(tiny_models) -> None:

@@ -1,0 +1,201 @@
+"""Deterministic benchmark inputs: a folder of photo-like images, and synthetic manifests.
+
+Images: JPEGs (most) and PNGs of 0.3-4 MP, aspect ratios log-uniform between 1:3 and 3:1,
+some JPEGs carrying an EXIF orientation (3, 6 or 8). Content is smooth colour fields plus
+grain, so JPEG sizes and decode costs resemble photos rather than flat test cards. The same
+seed always gives the same files; a finished folder is reused (a marker is written last).
+
+Manifests: v2 records of any count written as text (a million lines in a few seconds), and
+valid side files (.npy) for a prefix of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from prep.buckets import ASPECT_BUCKETS, Bucket, assign_aspect_bucket, format_bucket, latent_shape
+from prep.config import DINOV3_DIM, FORMAT_VERSION, T5_HIDDEN_DIM, T5_MAX_LENGTH
+from prep.store import ARTIFACTS, artifact_dir
+
+SMALL_BUCKETS: list[Bucket] = [(w // 4, h // 4) for w, h in ASPECT_BUCKETS]  # 256^2-class, multiples of 16
+DATA_VERSION = 1
+MARKER = ".bench-images.json"
+
+CAPTION_WORDS = (
+    "a photo of a red cat on a wooden table in warm light",
+    "a watercolor painting of mountains at sunset with soft clouds",
+    "close-up of a bowl of fruit in morning light on linen",
+    "an old stone bridge over a river in the fog at dawn",
+    "a city street at night with neon signs and rain puddles",
+)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: Path
+    width: int  # upright (after EXIF orientation)
+    height: int
+    orientation: int | None
+
+
+def image_plan(n: int, seed: int, min_mp: float, max_mp: float, png_fraction: float,
+               exif_fraction: float) -> list[dict]:
+    """Sizes, formats and orientations of the n images (cheap; no pixels)."""
+    plan = []
+    for index in range(n):
+        rng = np.random.default_rng([seed, index, 1])
+        megapixels = rng.uniform(min_mp, max_mp)
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        width = max(16, round(math.sqrt(megapixels * 1e6 * aspect)))
+        height = max(16, round(megapixels * 1e6 / width))
+        png = rng.random() < png_fraction
+        orientation = None
+        if not png and rng.random() < exif_fraction:
+            orientation = int(rng.choice([3, 6, 8]))
+        plan.append({"index": index, "width": width, "height": height, "png": png, "orientation": orientation})
+    return plan
+
+
+def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Smooth random colour fields (bicubic-upsampled coarse noise) plus fine grain."""
+    coarse = rng.integers(0, 256, size=(max(2, height // 96), max(2, width // 96), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-10, 11, size=(height, width, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+
+
+def make_image_folder(out_dir: str | Path, n: int, *, seed: int = 0, min_mp: float = 0.3, max_mp: float = 4.0,
+                      png_fraction: float = 0.2, exif_fraction: float = 0.25,
+                      captions: bool = True) -> list[ImageInfo]:
+    """Write (or reuse) n images and, with `captions`, an `<stem>.txt` sidecar caption for each."""
+    out = Path(out_dir)
+    params = {"version": DATA_VERSION, "n": n, "seed": seed, "min_mp": min_mp, "max_mp": max_mp,
+              "png_fraction": png_fraction, "exif_fraction": exif_fraction, "captions": captions}
+    plan = image_plan(n, seed, min_mp, max_mp, png_fraction, exif_fraction)
+    infos = [_info(out, item) for item in plan]
+    marker = out / MARKER
+    if marker.is_file() and _read_json(marker) == params and all(i.path.is_file() for i in infos):
+        return infos
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for item, info in zip(plan, infos, strict=True):
+        rng = np.random.default_rng([seed, item["index"], 2])
+        stored_w, stored_h = item["width"], item["height"]
+        if item["orientation"] in (6, 8):  # stored sideways; a viewer shows width x height
+            stored_w, stored_h = stored_h, stored_w
+        image = photo_like(stored_w, stored_h, rng)
+        if item["png"]:
+            image.save(info.path, compress_level=3)
+        else:
+            kwargs: dict = {"quality": 90}
+            if item["orientation"]:
+                exif = Image.Exif()
+                exif[0x0112] = item["orientation"]
+                kwargs["exif"] = exif.tobytes()
+            image.save(info.path, **kwargs)
+        if captions:
+            words = CAPTION_WORDS[item["index"] % len(CAPTION_WORDS)]
+            info.path.with_suffix(".txt").write_text(f"{words}, picture {item['index']}\n", encoding="utf-8")
+    marker.write_text(json.dumps(params) + "\n")
+    return infos
+
+
+def _info(out: Path, item: dict) -> ImageInfo:
+    suffix = ".png" if item["png"] else ".jpg"
+    return ImageInfo(out / f"img{item['index']:05d}{suffix}", item["width"], item["height"], item["orientation"])
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def buckets_of(infos: list[ImageInfo], buckets: list[Bucket]) -> list[tuple[int, int]]:
+    """The (width, height) bucket of each image (by upright aspect, as the pipeline assigns)."""
+    out = []
+    for info in infos:
+        text = assign_aspect_bucket(info.width, info.height, buckets)
+        w, h = text.split("x")
+        out.append((int(w), int(h)))
+    return out
+
+
+# ----------------------------------------------------------------------------- manifests
+def _mask_texts() -> list[str]:
+    """The 78 possible T5 masks (k ones then zeros) as JSON text, built once."""
+    return [json.dumps([1] * k + [0] * (T5_MAX_LENGTH - k), separators=(",", ":")) for k in range(T5_MAX_LENGTH + 1)]
+
+
+def synthetic_record_line(index: int, masks: list[str], buckets: list[Bucket]) -> str:
+    """One compact v2 record (JSON text) with caption, mask, size and bucket."""
+    width, height = buckets[index % len(buckets)]
+    width, height = width + (index % 7) * 3, height + (index % 5) * 2  # sizes vary, bucket fixed by aspect
+    bucket = format_bucket(*buckets[index % len(buckets)])
+    caption = json.dumps(f"{CAPTION_WORDS[index % len(CAPTION_WORDS)]}, number {index}")
+    tokens = 8 + index % 40
+    return (
+        f'{{"image_id":"img{index:08d}","image_path":"/data/images/{index // 1000:04d}/{index:08d}.jpg",'
+        f'"caption":{caption},"t5_attention_mask":{masks[tokens]},"height":{height},"width":{width},'
+        f'"aspect_bucket":"{bucket}","format_version":{FORMAT_VERSION},"source":"bench"}}'
+    )
+
+
+def write_synthetic_manifest(path: str | Path, n: int, *, buckets: list[Bucket] | None = None) -> Path:
+    """A manifest of n complete v2 records (reused when it already has exactly that content size)."""
+    path = Path(path)
+    buckets = list(buckets or ASPECT_BUCKETS)
+    marker = path.with_name(path.name + ".bench.json")
+    params = {"version": DATA_VERSION, "n": n, "buckets": [list(b) for b in buckets]}
+    if path.is_file() and _read_json(marker) == params:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    masks = _mask_texts()
+    with open(path, "w", encoding="utf-8") as f:
+        chunk = []
+        for index in range(n):
+            chunk.append(synthetic_record_line(index, masks, buckets))
+            if len(chunk) >= 10_000:
+                f.write("\n".join(chunk) + "\n")
+                chunk.clear()
+        if chunk:
+            f.write("\n".join(chunk) + "\n")
+    marker.write_text(json.dumps(params) + "\n")
+    return path
+
+
+def write_side_files(base: str | Path, n: int, *, buckets: list[Bucket] | None = None, seed: int = 0) -> int:
+    """Valid dinov3 / vae / t5 .npy files for records 0..n-1 of `write_synthetic_manifest`.
+
+    Written with plain np.save (not the pipeline's fsync'ed atomic writes: this is set-up,
+    not the thing measured). One random array per shape is reused, so writing is disk-bound.
+    Returns the number of files.
+    """
+    base = Path(base)
+    buckets = list(buckets or ASPECT_BUCKETS)
+    marker = base / ".bench-side-files.json"
+    params = {"version": DATA_VERSION, "n": n, "buckets": [list(b) for b in buckets], "seed": seed}
+    if _read_json(marker) == params:
+        return 3 * n
+    rng = np.random.default_rng(seed)
+    for kind in ARTIFACTS:
+        artifact_dir(base, kind).mkdir(parents=True, exist_ok=True)
+    dinov3 = rng.standard_normal(DINOV3_DIM).astype(ARTIFACTS["dinov3"].dtype)
+    t5 = rng.standard_normal((T5_MAX_LENGTH, T5_HIDDEN_DIM)).astype(ARTIFACTS["t5"].dtype)
+    latents = {
+        b: rng.standard_normal(latent_shape(format_bucket(*b))).astype(ARTIFACTS["vae"].dtype) for b in buckets
+    }
+    for index in range(n):
+        image_id = f"img{index:08d}"
+        np.save(artifact_dir(base, "dinov3") / f"{image_id}.npy", dinov3)
+        np.save(artifact_dir(base, "t5") / f"{image_id}.npy", t5)
+        np.save(artifact_dir(base, "vae") / f"{image_id}.npy", latents[buckets[index % len(buckets)]])
+    marker.write_text(json.dumps(params) + "\n")
+    return 3 * n

@@ -1,0 +1,745 @@
+"""`prep report`: one self-contained HTML page that shows what a dataset really holds.
+
+The page (index.html plus the PNGs beside it, no network needed) has a summary box (records,
+ready / not ready by reason, rejected manifest lines, per-type verify status, the models and
+the latent convention), charts (images per aspect bucket, original sizes, caption lengths in
+words and T5 tokens) and a contact sheet of seeded-sampled records: the original image, the
+bucket crop the VAE saw (the pipeline's own preprocessing call) and the VAE decode of the
+stored latent. Anything that cannot be shown (missing file, unreadable image, NaN latent)
+becomes a red flagged panel with its reason; the report itself never fails on bad data.
+
+`build_report` is the library entry point; `sheet_entries` exposes the panel arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prep import store
+from prep.buckets import parse_bucket
+from prep.config import T5_MAX_LENGTH
+from prep.errors import UserError
+from prep.manifest import read_manifest, rejected_path
+from prep.records import has_caption, is_safe_id
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 16
+THUMB_MAX = 384  # longest side of the stored original thumbnail (the sheet shows it smaller)
+SHEET_PAGE = 24  # samples per contact-sheet PNG (keeps each image a sane height)
+STATUS_BUCKETS = ("valid", "invalid", "missing")
+
+
+class ReportError(UserError):
+    """The report cannot be written (missing dependency, unusable output folder)."""
+
+
+# ------------------------------------------------------------------------------ panels
+@dataclass
+class Panel:
+    """One cell of the contact sheet: an image, or a flag (red, with the reason), or a neutral note."""
+
+    image: np.ndarray | None = None  # uint8 (H, W, 3)
+    flag: str | None = None  # a problem: drawn as a red box with this text
+    note: str | None = None  # no image, but nothing wrong (e.g. decode skipped)
+    box: tuple[float, float, float, float] | None = None  # crop box drawn on the original, in panel px
+    size: tuple[int, int] | None = None  # the source's full (upright) size when `image` is a thumbnail
+
+
+@dataclass
+class SheetEntry:
+    """One sampled record and its three panels: original, the VAE's input crop, the decoded latent."""
+
+    image_id: str
+    caption: str | None
+    bucket: str | None
+    width: int | None
+    height: int | None
+    image_path: str | None
+    original: Panel
+    crop: Panel
+    decoded: Panel
+
+    @property
+    def flags(self) -> list[str]:
+        names = ("original", "crop", "decode")
+        panels = (self.original, self.crop, self.decoded)
+        return [f"{name}: {panel.flag}" for name, panel in zip(names, panels) if panel.flag]
+
+
+class LatentDecoder:
+    """The Flux VAE's decoder half: a stored (normalised) latent back to 8-bit RGB pixels."""
+
+    def __init__(self, vae, *, shift_factor: float, scaling_factor: float, device, dtype, model_id: str = ""):
+        self.vae = vae
+        self.shift_factor = float(shift_factor)
+        self.scaling_factor = float(scaling_factor)
+        self.device = device
+        self.dtype = dtype
+        self.model_id = model_id
+
+    @classmethod
+    def load(
+        cls,
+        model_id: str,
+        *,
+        subfolder: str | None,
+        device: str = "auto",
+        dtype: str = "auto",
+        shift_factor: float | None = None,
+        scaling_factor: float | None = None,
+    ) -> LatentDecoder:
+        """Load the VAE the way the encoder pass does; factors default to the VAE's own config."""
+        from prep.encoders.vae import VAEEncoder
+
+        encoder = VAEEncoder.load(model_id, subfolder=subfolder, device=device, dtype=dtype)
+        return cls(
+            encoder.model,
+            shift_factor=encoder.shift_factor if shift_factor is None else shift_factor,
+            scaling_factor=encoder.scaling_factor if scaling_factor is None else scaling_factor,
+            device=encoder.device,
+            dtype=encoder.dtype,
+            model_id=model_id,
+        )
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """(16, h, w) stored latent -> uint8 (8h, 8w, 3): z = latent / scale + shift, then decode."""
+        import torch
+
+        stored = torch.from_numpy(np.asarray(latent, dtype=np.float32))[None]
+        z = stored / self.scaling_factor + self.shift_factor
+        with torch.inference_mode():
+            sample = self.vae.decode(z.to(device=self.device, dtype=self.dtype)).sample.float()
+        if not torch.isfinite(sample).all():
+            raise FloatingPointError("decoder output has NaN/Inf values")
+        pixels = ((sample[0].clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+        return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+def resolve_image_path(image_path: str, manifest_path: str | Path | None) -> Path:
+    """The record's path as written; a relative one that does not exist is tried beside the manifest."""
+    path = Path(image_path)
+    if not path.is_absolute() and not path.exists() and manifest_path is not None:
+        beside = Path(manifest_path).parent / path
+        if beside.exists():
+            return beside
+    return path
+
+
+def bucket_size(record: dict) -> tuple[int, int] | None:
+    try:
+        return parse_bucket(record.get("aspect_bucket"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def original_panel(path: Path | None) -> Panel:
+    """The upright RGB original (as every pass decodes it), as a thumbnail with the crop box outlined."""
+    from PIL import Image
+
+    from prep.preprocess import ImageDecodeError, open_rgb
+
+    if path is None:
+        return Panel(flag="record has no image_path")
+    if not path.is_file():
+        return Panel(flag=f"image file missing: {path}")
+    try:
+        image = open_rgb(path)
+    except ImageDecodeError as exc:
+        return Panel(flag=f"unreadable image: {exc}")
+    width, height = image.size
+    thumb = image.copy()
+    thumb.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+    return Panel(image=np.asarray(thumb, dtype=np.uint8).copy(), size=(width, height))
+
+
+def crop_panel(record: dict, path: Path | None) -> Panel:
+    """The bucket crop the VAE saw: the pipeline's VAE-pass transform, called exactly as the pass calls it."""
+    from prep.pipeline import image_transform
+    from prep.preprocess import ImageDecodeError
+
+    if bucket_size(record) is None:
+        return Panel(flag=f"bad aspect_bucket {record.get('aspect_bucket')!r}")
+    if path is None or not path.is_file():
+        return Panel(flag="no image to crop")
+    try:
+        transform = image_transform("vae", None, record["aspect_bucket"])
+        array = np.asarray(transform(str(path)), dtype=np.uint8)
+    except ImageDecodeError as exc:
+        return Panel(flag=f"unreadable image: {exc}")
+    return Panel(image=array)
+
+
+def latent_problem(record: dict, base: Path) -> tuple[np.ndarray | None, str | None]:
+    """(the stored latent, None) or (None, why it cannot be decoded)."""
+    image_id = record.get("image_id")
+    if not is_safe_id(image_id):
+        return None, "record has no usable image_id"
+    try:
+        shape = store.expected_shape("vae", record)
+    except (KeyError, ValueError, TypeError):
+        return None, f"bad aspect_bucket {record.get('aspect_bucket')!r}"
+    path = store.artifact_path(base, "vae", image_id)
+    if not path.exists():
+        return None, "latent missing"
+    latent = store.load_npy(path)
+    if latent is None:
+        return None, "latent unreadable"
+    if tuple(latent.shape) != shape:
+        return None, f"latent shape {tuple(latent.shape)} != {shape}"
+    if not np.issubdtype(latent.dtype, np.floating):
+        return None, f"latent dtype {latent.dtype} is not floating point"
+    finite = np.isfinite(latent)
+    if not finite.all():
+        bad = int(latent.size - finite.sum())
+        return None, f"latent has NaN/Inf values ({bad} of {latent.size})"
+    return latent, None
+
+
+def decoded_panel(record: dict, base: Path, decoder: LatentDecoder | None, decode_note: str) -> Panel:
+    """The VAE decode of the stored latent, a red flag when the latent is bad, or a neutral note."""
+    latent, problem = latent_problem(record, base)
+    if problem:
+        return Panel(flag=problem)
+    if decoder is None:
+        return Panel(note=decode_note)
+    try:
+        return Panel(image=decoder.decode(latent))
+    except Exception as exc:  # one bad latent or a model error is a flagged panel, not a failed report
+        text = " ".join(str(exc).split())[:160]
+        return Panel(flag=f"decode failed: {type(exc).__name__}: {text}")
+
+
+def sheet_entries(
+    records: list[dict],
+    base: str | Path,
+    *,
+    decoder: LatentDecoder | None = None,
+    decode_note: str = "not decoded (--no-decode)",
+    manifest_path: str | Path | None = None,
+    progress: bool = True,
+) -> list[SheetEntry]:
+    """The contact-sheet panels of `records` (full-resolution crop, thumbnail original, decode)."""
+    from tqdm.auto import tqdm
+
+    from prep.preprocess import cover_crop_box
+
+    base = Path(base)
+    entries = []
+    for record in tqdm(records, desc="contact sheet", unit="img", leave=False, disable=not progress):
+        image_path = record.get("image_path") if isinstance(record.get("image_path"), str) else None
+        path = resolve_image_path(image_path, manifest_path) if image_path else None
+        original = original_panel(path)
+        size = bucket_size(record)
+        if original.image is not None and size is not None:
+            full_w, full_h = original.size
+            left, top, right, bottom = cover_crop_box(full_w, full_h, *size)
+            scale = original.image.shape[1] / full_w
+            original.box = (left * scale, top * scale, right * scale, bottom * scale)
+        entries.append(
+            SheetEntry(
+                image_id=str(record.get("image_id") or image_path or "?"),
+                caption=record.get("caption") if has_caption(record) else None,
+                bucket=record.get("aspect_bucket") if isinstance(record.get("aspect_bucket"), str) else None,
+                width=record.get("width") if type(record.get("width")) is int else None,
+                height=record.get("height") if type(record.get("height")) is int else None,
+                image_path=image_path,
+                original=original,
+                crop=crop_panel(record, path),
+                decoded=decoded_panel(record, base, decoder, decode_note),
+            )
+        )
+    return entries
+
+
+# ------------------------------------------------------------------------------ sampling
+def sample_indices(total: int, count: int, seed: int) -> list[int]:
+    """`count` distinct positions out of `total`, reproducible from `seed`, in manifest order."""
+    count = max(0, min(count, total))
+    return sorted(random.Random(seed).sample(range(total), count))
+
+
+def sample_records(records: list[dict], count: int, seed: int) -> list[dict]:
+    """The seeded sample of records the contact sheet shows."""
+    return [records[i] for i in sample_indices(len(records), count, seed)]
+
+
+# ------------------------------------------------------------------------------ statistics
+@dataclass
+class DatasetStats:
+    """Everything the summary and the charts show, gathered in one pass over the manifest."""
+
+    records: int = 0
+    ready: int = 0
+    not_ready_reasons: Counter = field(default_factory=Counter)
+    ready_but_invalid: int = 0  # header-ready records whose data fails verify (e.g. NaN)
+    rejected_now: int = 0  # lines the manifest reader sets aside today
+    rejected_saved: int = 0  # lines earlier rewrites moved to <manifest>.rejected.jsonl
+    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.ARTIFACTS})
+    buckets: Counter = field(default_factory=Counter)
+    megapixels: list[float] = field(default_factory=list)
+    caption_words: list[int] = field(default_factory=list)
+    no_caption: int = 0
+    token_counts: list[int] | None = None
+    token_note: str | None = None
+    tokenizer_id: str | None = None
+
+    @property
+    def not_ready(self) -> int:
+        return self.records - self.ready
+
+    @property
+    def truncated(self) -> int:
+        return sum(1 for n in self.token_counts or () if n > T5_MAX_LENGTH)
+
+
+def _check_one(record: dict, base: Path) -> tuple[list[str], dict[str, str]]:
+    from prep.verify import check_record
+
+    reasons = store.readiness_reasons(record, base)
+    _, statuses = check_record(record, base)
+    return reasons, statuses
+
+
+def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def count_rejected_saved(manifest_path: Path) -> int:
+    side = rejected_path(manifest_path)
+    try:
+        with open(side, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
+
+
+def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8, progress: bool = True):
+    """(DatasetStats, captions, the sampled records): readiness, verify status and distributions."""
+    from tqdm.auto import tqdm
+
+    stats = DatasetStats(records=len(manifest), rejected_now=len(manifest.rejected))
+    stats.rejected_saved = count_rejected_saved(manifest.path)
+    captions: list[str] = []
+    sampled: list[dict] = []
+    position = 0
+    bar = tqdm(total=len(manifest), desc="report: check records", unit="rec", leave=False, disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for chunk in _chunks(manifest, 512):
+            results = pool.map(lambda r: _check_one(r, base), chunk)
+            for record, (reasons, statuses) in zip(chunk, results):
+                if position in sample_at:
+                    sampled.append(record)
+                position += 1
+                if reasons:
+                    stats.not_ready_reasons.update(reasons)
+                else:
+                    stats.ready += 1
+                    if any(status != store.VALID for status in statuses.values()):
+                        stats.ready_but_invalid += 1
+                for kind, status in statuses.items():
+                    label = "valid" if status == store.VALID else "missing" if status == store.MISSING else "invalid"
+                    stats.artifacts[kind][label] += 1
+                _distributions(record, stats, captions)
+            bar.update(len(chunk))
+    bar.close()
+    return stats, captions, sampled
+
+
+def _distributions(record: dict, stats: DatasetStats, captions: list[str]) -> None:
+    bucket = record.get("aspect_bucket")
+    stats.buckets[bucket if isinstance(bucket, str) else "(none)"] += 1
+    width, height = record.get("width"), record.get("height")
+    if type(width) is int and type(height) is int and width > 0 and height > 0:
+        stats.megapixels.append(width * height / 1e6)
+    if has_caption(record):
+        captions.append(record["caption"])
+        stats.caption_words.append(len(record["caption"].split()))
+    else:
+        stats.no_caption += 1
+
+
+def count_tokens(captions: list[str], tokenizer_id: str | None, stats: DatasetStats) -> None:
+    """T5 token counts per caption (untruncated, with </s>); a note instead when no tokenizer loads."""
+    if not tokenizer_id:
+        stats.token_note = "T5 token counts skipped: no tokenizer (pass --t5-model)."
+        return
+    stats.tokenizer_id = tokenizer_id
+    try:
+        from prep.encoders.t5 import T5Encoder
+
+        tokenizer = T5Encoder.load_tokenizer_only(tokenizer_id).tokenizer
+    except Exception as exc:  # any load failure (offline, wrong id) is a note, not a failed report
+        text = " ".join(str(exc).split())[:200]
+        stats.token_note = f"T5 token counts skipped: tokenizer {tokenizer_id!r} could not be loaded ({type(exc).__name__}: {text})."
+        return
+    counts: list[int] = []
+    for start in range(0, len(captions), 1000):
+        batch = captions[start : start + 1000]
+        ids = tokenizer(batch, truncation=False, padding=False, verbose=False)["input_ids"]
+        counts.extend(len(x) for x in ids)
+    stats.token_counts = counts
+
+
+# ------------------------------------------------------------------------------ contact sheet image
+CELL = 176
+GAP = 10
+PAD = 12
+CARD_GUTTER = 16
+SHEET_COLUMNS = 2
+CAPTION_LINES = 4
+BG = (255, 255, 255)
+CARD_BG = (248, 249, 251)
+CARD_BORDER = (214, 218, 224)
+CELL_BG = (232, 235, 239)
+TEXT = (28, 32, 38)
+MUTED = (96, 104, 116)
+FLAG_BG = (253, 232, 232)
+FLAG_BORDER = (200, 30, 30)
+FLAG_TEXT = (150, 20, 20)
+BOX_COLOR = (255, 200, 0)
+
+
+def _font(size: int, bold: bool = False):
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(name, size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def wrap_pixels(text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` pixels; long words are split; an ellipsis marks a cut."""
+    words = " ".join(str(text).split()).split(" ")
+    lines: list[str] = []
+    current = ""
+    for word in words:
+        candidate = f"{current} {word}".strip()
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = word
+        while font.getlength(current) > width and len(current) > 1:
+            cut = len(current)
+            while cut > 1 and font.getlength(current[:cut]) > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and font.getlength(last + " …") > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + " …"
+    return lines
+
+
+def _fit(array: np.ndarray, size: int):
+    """Scale an RGB array to fit inside size x size (never up by more than 4x, to stay crisp)."""
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    scale = min(size / image.width, size / image.height, 4.0)
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+    return image.resize(target, resample), scale
+
+
+def _draw_panel(sheet, draw, panel: Panel, x: int, y: int, fonts: dict) -> None:
+    """One CELL x CELL panel at (x, y): the image centred, or a red flag box, or a grey note."""
+    if panel.flag:
+        draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=FLAG_BG, outline=FLAG_BORDER, width=3)
+        draw.text((x + 10, y + 10), "FLAGGED", font=fonts["bold"], fill=FLAG_BORDER)
+        lines = wrap_pixels(panel.flag, fonts["small"], CELL - 20, 8)
+        for i, line in enumerate(lines):
+            draw.text((x + 10, y + 32 + i * 15), line, font=fonts["small"], fill=FLAG_TEXT)
+        return
+    draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=CELL_BG)
+    if panel.image is None:
+        lines = wrap_pixels(panel.note or "", fonts["small"], CELL - 20, 4)
+        top = y + CELL // 2 - 8 * len(lines)
+        for i, line in enumerate(lines):
+            width = fonts["small"].getlength(line)
+            draw.text((x + (CELL - width) / 2, top + i * 15), line, font=fonts["small"], fill=MUTED)
+        return
+    fitted, scale = _fit(panel.image, CELL)
+    ox, oy = x + (CELL - fitted.width) // 2, y + (CELL - fitted.height) // 2
+    sheet.paste(fitted, (ox, oy))
+    if panel.box is not None:
+        left, top, right, bottom = (v * scale for v in panel.box)
+        full = left <= 0.5 and top <= 0.5 and right >= fitted.width - 0.5 and bottom >= fitted.height - 0.5
+        if not full:  # outline only when the crop actually cuts something away
+            draw.rectangle(
+                [ox + left, oy + top, ox + right - 1, oy + bottom - 1], outline=BOX_COLOR, width=2
+            )
+
+
+def card_size() -> tuple[int, int]:
+    width = 3 * CELL + 2 * GAP + 2 * PAD
+    height = PAD + 20 + 18 + CELL + 8 + CAPTION_LINES * 16 + PAD
+    return width, height
+
+
+def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, fonts: dict) -> None:
+    width, height = card_size()
+    flagged = bool(entry.flags)
+    draw.rounded_rectangle(
+        [x, y, x + width - 1, y + height - 1],
+        radius=8,
+        fill=CARD_BG,
+        outline=FLAG_BORDER if flagged else CARD_BORDER,
+        width=2 if flagged else 1,
+    )
+    title = wrap_pixels(entry.image_id, fonts["bold"], width - 2 * PAD - 170, 1)[0]
+    draw.text((x + PAD, y + PAD), title, font=fonts["bold"], fill=FLAG_TEXT if flagged else TEXT)
+    meta = []
+    if entry.bucket:
+        meta.append(f"bucket {entry.bucket}")
+    if entry.width and entry.height:
+        meta.append(f"{entry.width}×{entry.height}")
+    meta_text = " · ".join(meta)
+    meta_w = fonts["small"].getlength(meta_text)
+    draw.text((x + width - PAD - meta_w, y + PAD + 2), meta_text, font=fonts["small"], fill=MUTED)
+    labels = ("original", f"VAE input {entry.bucket or ''}".strip(), "VAE decode")
+    panels = (entry.original, entry.crop, entry.decoded)
+    top = y + PAD + 20
+    for i, (label, panel) in enumerate(zip(labels, panels)):
+        px = x + PAD + i * (CELL + GAP)
+        draw.text((px, top), label, font=fonts["small"], fill=MUTED)
+        _draw_panel(sheet, draw, panel, px, top + 18, fonts)
+    caption = entry.caption if entry.caption is not None else "(no caption)"
+    lines = wrap_pixels(caption, fonts["caption"], width - 2 * PAD, CAPTION_LINES)
+    text_top = top + 18 + CELL + 8
+    for i, line in enumerate(lines):
+        draw.text(
+            (x + PAD, text_top + i * 16),
+            line,
+            font=fonts["caption"],
+            fill=TEXT if entry.caption is not None else MUTED,
+        )
+
+
+def render_sheet(entries: list[SheetEntry], path: Path) -> tuple[int, int]:
+    """Draw the cards (two per row) into one PNG with Pillow; returns its (width, height)."""
+    from PIL import Image, ImageDraw
+
+    fonts = {"bold": _font(14, bold=True), "small": _font(12), "caption": _font(13)}
+    card_w, card_h = card_size()
+    rows = max(1, -(-len(entries) // SHEET_COLUMNS))
+    width = SHEET_COLUMNS * card_w + (SHEET_COLUMNS - 1) * CARD_GUTTER + 2 * CARD_GUTTER
+    height = rows * card_h + (rows - 1) * CARD_GUTTER + 2 * CARD_GUTTER
+    sheet = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(sheet)
+    for index, entry in enumerate(entries):
+        row, col = divmod(index, SHEET_COLUMNS)
+        x = CARD_GUTTER + col * (card_w + CARD_GUTTER)
+        y = CARD_GUTTER + row * (card_h + CARD_GUTTER)
+        _draw_card(sheet, draw, entry, x, y, fonts)
+    sheet.save(path, optimize=True)
+    return width, height
+
+
+# ------------------------------------------------------------------------------ the report
+@dataclass
+class ReportResult:
+    """What `build_report` wrote and what it found."""
+
+    out_dir: Path
+    html: Path
+    stats: DatasetStats
+    entries: list[SheetEntry]
+    sheets: list[Path]
+    charts: list[Path]
+    notes: list[str]
+    metadata: dict
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [entry.image_id for entry in self.entries]
+
+
+def require_matplotlib():
+    """matplotlib with the Agg canvas (no display, no global pyplot state), or a one-line error."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("prep report needs matplotlib: pip install 'prep[report]'") from None
+    return Figure, FigureCanvasAgg
+
+
+def prepare_out_dir(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create --out {out}: {exc}") from None
+    for stale in out.glob("contact_sheet_*.png"):  # a previous report may have had more pages
+        stale.unlink(missing_ok=True)
+    return out
+
+
+def load_decoder(
+    metadata: dict,
+    vae_model: str | None,
+    vae_subfolder: str | None,
+    device: str,
+    dtype: str,
+    notes: list[str],
+) -> tuple[LatentDecoder | None, str]:
+    """The decoder for the stored latents, or (None, why) after a note: never fails the report."""
+    from prep import config
+
+    convention = metadata.get("vae") if isinstance(metadata.get("vae"), dict) else {}
+    recorded = convention.get("model_id")
+    if vae_model is None:
+        model_id = recorded or config.VAE_MODEL
+        subfolder = vae_subfolder if vae_subfolder is not None else convention.get("subfolder", config.VAE_SUBFOLDER)
+    else:
+        model_id = vae_model
+        subfolder = vae_subfolder if vae_subfolder is not None else config.VAE_SUBFOLDER
+        if recorded and str(recorded) != str(vae_model):
+            notes.append(f"Decoding with --vae-model {vae_model}, but the latents were encoded with {recorded}.")
+    shift, scale = convention.get("shift_factor"), convention.get("scaling_factor")
+    if not isinstance(shift, (int, float)) or not isinstance(scale, (int, float)) or not scale:
+        shift = scale = None
+        notes.append("prep_metadata.json has no latent convention: decoding with the VAE config's shift/scale.")
+    try:
+        decoder = LatentDecoder.load(
+            str(model_id), subfolder=subfolder, device=device, dtype=dtype, shift_factor=shift, scaling_factor=scale
+        )
+    except Exception as exc:  # offline, gated, wrong path: report everything else, flag the decodes
+        text = " ".join(str(exc).split())[:200]
+        notes.append(f"VAE {model_id!r} could not be loaded, so no latent is decoded ({type(exc).__name__}: {text}).")
+        return None, "not decoded (VAE not loaded)"
+    config_shift = float(decoder.vae.config.shift_factor or 0.0)
+    config_scale = float(decoder.vae.config.scaling_factor)
+    if shift is not None and (abs(config_scale - scale) > 1e-6 or abs(config_shift - shift) > 1e-6):
+        notes.append(
+            f"The VAE config's factors (shift {decoder.vae.config.shift_factor}, scale "
+            f"{decoder.vae.config.scaling_factor}) differ from the dataset's convention "
+            f"(shift {shift}, scale {scale}); decoding with the dataset's."
+        )
+    return decoder, ""
+
+
+def build_report(
+    manifest_path: str | Path,
+    derived_dir: str | Path,
+    out: str | Path,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    decode: bool = True,
+    vae_model: str | None = None,
+    vae_subfolder: str | None = None,
+    t5_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    workers: int = 8,
+    progress: bool = True,
+) -> ReportResult:
+    """Write `out/index.html` and its PNGs for the manifest and its derived dir; returns what it found.
+
+    `vae_model` / `t5_model` default to the models recorded in prep_metadata.json. Nothing
+    about the data makes this fail: problems are counted, noted and flagged on the page.
+    """
+    from prep import report_html
+
+    figure_classes = require_matplotlib()
+    manifest_path, base = Path(manifest_path), Path(derived_dir)
+    if not manifest_path.is_file():
+        raise ReportError(f"manifest {manifest_path} not found")
+    if not base.is_dir():
+        raise ReportError(f"derived dir {base} not found")
+    out = prepare_out_dir(Path(out))
+    notes: list[str] = []
+    metadata = store.read_metadata(base)
+    if not metadata:
+        notes.append(f"{base / store.METADATA_FILE} is missing or unreadable: models and latent convention unknown.")
+
+    manifest = read_manifest(manifest_path)
+    sample_at = set(sample_indices(len(manifest), samples, seed))
+    stats, captions, sampled = gather_stats(manifest, base, sample_at, workers=workers, progress=progress)
+    if t5_model is None:
+        recorded = metadata.get("models", {}).get("t5", {}) if isinstance(metadata.get("models"), dict) else {}
+        t5_model = recorded.get("model_id") if isinstance(recorded, dict) else None
+    count_tokens(captions, t5_model, stats)
+    if stats.token_note:
+        notes.append(stats.token_note)
+    if stats.ready_but_invalid:
+        notes.append(
+            f"{stats.ready_but_invalid} record(s) pass the header-only readiness check but their side files fail "
+            "verify (non-finite values or truncated data): run `prep verify` and re-encode them."
+        )
+
+    decoder, decode_note = None, "not decoded (--no-decode)"
+    if decode and sampled:
+        decoder, decode_note = load_decoder(metadata, vae_model, vae_subfolder, device, dtype, notes)
+    entries = sheet_entries(
+        sampled, base, decoder=decoder, decode_note=decode_note, manifest_path=manifest_path, progress=progress
+    )
+    if decoder is not None:
+        from prep.encoders.common import free_model
+
+        free_model(decoder.vae)
+
+    sheets = []
+    for page, start in enumerate(range(0, len(entries), SHEET_PAGE), start=1):
+        sheet = out / f"contact_sheet_{page:02d}.png"
+        render_sheet(entries[start : start + SHEET_PAGE], sheet)
+        sheets.append(sheet)
+    charts = report_html.render_charts(stats, out, figure_classes)
+    html_path = out / "index.html"
+    html_path.write_text(
+        report_html.render_page(
+            manifest_path=manifest_path,
+            derived_dir=base,
+            stats=stats,
+            metadata=metadata,
+            entries=entries,
+            sheets=sheets,
+            charts=charts,
+            notes=notes,
+            samples=samples,
+            seed=seed,
+            decoded=decoder is not None,
+        ),
+        encoding="utf-8",
+    )
+    return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata)
+
+
+def summary_line(result: ReportResult) -> str:
+    stats = result.stats
+    flagged = sum(1 for entry in result.entries if entry.flags)
+    return textwrap.shorten(
+        f"report: {stats.records} records, {stats.ready} ready, {stats.not_ready} not ready, "
+        f"{stats.rejected_now} rejected lines; {len(result.entries)} samples ({flagged} flagged) -> {result.html}",
+        width=400,
+    )

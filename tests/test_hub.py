@@ -1,0 +1,152 @@
+"""`prep push`: everything up to the network boundary, with a fake HfApi recording the calls.
+
+The real upload cannot be tested here (the Hub is unreachable); the fake checks which
+methods of the installed huggingface_hub API are called, with which arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from helpers_export import build_dataset
+
+from prep.cli import main
+from prep.export.hub import IGNORE_PATTERNS, list_upload_files, push_export
+from prep.export.webdataset import export_webdataset
+
+SECRET = "hf_thisIsAFakeSecretToken123456789"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("hub")
+    data = build_dataset(tmp, per_bucket=2, broken=False)
+    out = tmp / "shards"
+    export_webdataset(data["manifest"], data["derived"], out, shard_size=1, progress_every=0)
+    (out / "bucket_64x64" / ".shard-000099.tar.x.prep-tmp").write_bytes(b"temp")  # never uploaded
+    return out
+
+
+class FakeApi:
+    """Records calls; has upload_folder only (like huggingface_hub 2.x)."""
+
+    instances: list[FakeApi] = []
+
+    def __init__(self, token=None, **kwargs):
+        self.token = token
+        self.calls: list[tuple[str, tuple, dict]] = []
+        FakeApi.instances.append(self)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", (repo_id,), kwargs))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", (repo_id,), kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", (), kwargs))
+        return None
+
+
+class FakeLargeApi(FakeApi):
+    """An older huggingface_hub with upload_large_folder."""
+
+    def upload_large_folder(self, **kwargs):
+        self.calls.append(("upload_large_folder", (), kwargs))
+
+
+def test_installed_hub_has_the_methods_used():
+    api_cls = huggingface_hub.HfApi
+    for name in ("create_repo", "create_branch", "upload_folder"):
+        assert callable(getattr(api_cls, name))
+
+
+def test_dry_run_lists_files_and_makes_no_call(export_dir, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("HfApi must not be created in a dry run")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
+    result = push_export(export_dir, "me/data", dry_run=True)
+    paths = [p for p, _ in result.files]
+    assert "README.md" in paths and "index.json" in paths and "stats.json" in paths
+    assert sum(p.endswith(".tar") for p in paths) == 6
+    assert not any(".prep-export" in p or p.endswith(".prep-tmp") for p in paths)
+    assert result.total_bytes == sum((export_dir / p).stat().st_size for p in paths)
+    assert result.url == "https://huggingface.co/datasets/me/data"
+
+
+def test_refuses_non_export(tmp_path, export_dir):
+    (tmp_path / "some.tar").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a complete export"):
+        push_export(tmp_path, "me/data", dry_run=True)
+    with pytest.raises(FileNotFoundError):
+        push_export(tmp_path / "nope", "me/data", dry_run=True)
+    with pytest.raises(ValueError, match="repo-id"):
+        push_export(export_dir, "a/b/c", dry_run=True)
+
+
+def test_refuses_export_with_missing_shard(tmp_path, export_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    (copy / "bucket_64x64" / "shard-000000.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="listed in index.json"):
+        push_export(copy, "me/data", dry_run=True)
+
+
+def test_push_with_fake_api(export_dir):
+    api = FakeApi()
+    result = push_export(export_dir, "me/data", private=True, revision="v1", api=api)
+    names = [c[0] for c in api.calls]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[0][1] == ("me/data",)
+    assert api.calls[0][2] == {"repo_type": "dataset", "private": True, "exist_ok": True}
+    assert api.calls[1][2] == {"branch": "v1", "repo_type": "dataset", "exist_ok": True}
+    upload = api.calls[2][2]
+    assert upload["repo_id"] == "me/data" and upload["repo_type"] == "dataset" and upload["revision"] == "v1"
+    assert Path(upload["folder_path"]) == export_dir
+    assert set(IGNORE_PATTERNS) <= set(upload["ignore_patterns"])
+    assert result.method == "upload_folder" and result.url.endswith("/tree/v1")
+
+    api = FakeApi()
+    push_export(export_dir, "me/data", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]  # no branch without --revision
+    assert api.calls[0][2]["private"] is None  # not private: the account default, existing repo unchanged
+
+
+def test_push_prefers_upload_large_folder_when_present(export_dir):
+    api = FakeLargeApi()
+    result = push_export(export_dir, "me/data", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_large_folder"]
+    assert result.method == "upload_large_folder"
+
+
+def test_cli_push_never_prints_the_token(export_dir, monkeypatch, capsys, caplog):
+    FakeApi.instances.clear()
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("MY_HUB_TOKEN", SECRET)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    caplog.set_level(logging.DEBUG)
+    assert main(["push", str(export_dir), "--repo-id", "me/data", "--token-env", "MY_HUB_TOKEN", "-v"]) == 0
+    assert FakeApi.instances[-1].token == SECRET  # the token reached the api ...
+    assert main(["push", str(export_dir), "--repo-id", "me/data", "--dry-run"]) == 0
+    assert main(["push", str(export_dir), "--repo-id", "me/data"]) == 0
+    assert FakeApi.instances[-1].token is None  # ... or the library resolves HF_TOKEN / login itself
+    monkeypatch.delenv("MY_HUB_TOKEN")
+    assert main(["push", str(export_dir), "--repo-id", "me/data", "--token-env", "MY_HUB_TOKEN"]) == 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err + caplog.text
+    assert "MY_HUB_TOKEN is not set" in captured.err
+    assert "would upload" in captured.out and "uploaded" in captured.out
+    assert SECRET not in text  # ... but was never printed or logged
+
+
+def test_upload_listing_matches_dry_run(export_dir):
+    files = dict(list_upload_files(export_dir))
+    assert "bucket_64x64/shard-000000.tar" in files
+    assert not [p for p in files if p.startswith(".prep-export")]
