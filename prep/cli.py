@@ -167,16 +167,35 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
         default=config.DEFAULT_OUTPUT_BASE_DIR,
         help="derived dir (default: %(default)s)",
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--workers", type=int, default=8, help="threads reading side files (default: %(default)s)"
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (lists problems by id)")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading side files (default: %(default)s)")
+    g = parser.add_argument_group(
+        "provenance yardstick (default: the models the last run recorded in prep_metadata.json)"
+    )
+    g.add_argument("--vae-model", default=None, help="judge VAE latents against this model")
+    g.add_argument("--vae-subfolder", default=config.VAE_SUBFOLDER, help="(default: %(default)s)")
+    g.add_argument("--t5-model", default=None, help="judge T5 states against this model")
+    g.add_argument("--dinov3-model", default=None, help="judge DINOv3 embeddings against this model")
+    g.add_argument(
+        "--adopt",
+        action="store_true",
+        help="stamp this configuration onto valid artifacts of unknown provenance (made before provenance "
+        "existed) and rewrite the manifest; say so only if you know which models made them",
     )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from prep.verify import print_report, verify_manifest
+    from prep.verify import expected_of, judging_config, print_report, verify_manifest
 
-    report = verify_manifest(args.manifest, args.output_base_dir, workers=args.workers)
+    models = {"vae": args.vae_model, "t5": args.t5_model, "dinov3": args.dinov3_model}
+    judged = judging_config(args.output_base_dir, models, args.vae_subfolder)
+    report = verify_manifest(
+        args.manifest,
+        args.output_base_dir,
+        workers=args.workers,
+        expected=expected_of(judged),
+        adopt_with=judged if args.adopt else None,
+    )
     print_report(report, as_json=args.json)
     return EXIT_OK if report.ok else EXIT_FAILED
 

@@ -49,7 +49,8 @@ class ArrayLoader:
     """The `with_transform` function: adds `dinov3`, `vae`, `t5_hidden` arrays to accessed rows.
 
     Arrays keep their on-disk dtypes (float32, float16, float16); a missing or unreadable
-    file gives None. A single-column access (`ds["caption"]`) loads no arrays.
+    file gives None. A batch that holds one column only (a column query in datasets < 4, or
+    a dataset narrowed with `select_columns` to columns without `image_id`) loads no arrays.
     """
 
     def __init__(self, derived_dir: str | Path):
@@ -85,6 +86,10 @@ def load_manifest(
     (None when the file is missing), read at access time via `with_transform`.
     Records that are not valid v2 records are left out (logged); with `ready_only`, so are
     records whose side files are missing or have the wrong shape/dtype (headers only).
+
+    Note: in datasets >= 4 a column query (`ds["caption"]`) on a dataset with a transform
+    formats every row, so it would read every array; for metadata columns use
+    `ds.with_format(None)["caption"]` (or `ds.select_columns(["caption"])`).
     """
     from datasets import Dataset
 

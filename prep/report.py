@@ -73,7 +73,7 @@ class SheetEntry:
     def flags(self) -> list[str]:
         names = ("original", "crop", "decode")
         panels = (self.original, self.crop, self.decoded)
-        return [f"{name}: {panel.flag}" for name, panel in zip(names, panels) if panel.flag]
+        return [f"{name}: {panel.flag}" for name, panel in zip(names, panels, strict=True) if panel.flag]
 
 
 class LatentDecoder:
@@ -162,21 +162,24 @@ def original_panel(path: Path | None) -> Panel:
     return Panel(image=np.asarray(thumb, dtype=np.uint8).copy(), size=(width, height))
 
 
-def crop_panel(record: dict, path: Path | None) -> Panel:
-    """The bucket crop the VAE saw: the pipeline's VAE-pass transform, called exactly as the pass calls it."""
-    from prep.pipeline import image_transform
-    from prep.preprocess import ImageDecodeError
+def crop_panel(record: dict, path: Path | None) -> tuple[Panel, tuple[int, int, int, int] | None]:
+    """The bucket crop the VAE saw and its box in original pixels.
 
-    if bucket_size(record) is None:
-        return Panel(flag=f"bad aspect_bucket {record.get('aspect_bucket')!r}")
+    `preprocess.load_bucket_crop(path, width, height)` is the very call the VAE pass's data
+    loader makes (prep.passes.image_transform), so these are the pixels that were encoded.
+    """
+    from prep.preprocess import ImageDecodeError, load_bucket_crop
+
+    size = bucket_size(record)
+    if size is None:
+        return Panel(flag=f"bad aspect_bucket {record.get('aspect_bucket')!r}"), None
     if path is None or not path.is_file():
-        return Panel(flag="no image to crop")
+        return Panel(flag="no image to crop"), None
     try:
-        transform = image_transform("vae", None, record["aspect_bucket"])
-        array = np.asarray(transform(str(path)), dtype=np.uint8)
+        array, box = load_bucket_crop(str(path), width=size[0], height=size[1])
     except ImageDecodeError as exc:
-        return Panel(flag=f"unreadable image: {exc}")
-    return Panel(image=array)
+        return Panel(flag=f"unreadable image: {exc}"), None
+    return Panel(image=np.asarray(array, dtype=np.uint8)), tuple(int(v) for v in box)
 
 
 def latent_problem(record: dict, base: Path) -> tuple[np.ndarray | None, str | None]:
@@ -231,20 +234,16 @@ def sheet_entries(
     """The contact-sheet panels of `records` (full-resolution crop, thumbnail original, decode)."""
     from tqdm.auto import tqdm
 
-    from prep.preprocess import cover_crop_box
-
     base = Path(base)
     entries = []
     for record in tqdm(records, desc="contact sheet", unit="img", leave=False, disable=not progress):
         image_path = record.get("image_path") if isinstance(record.get("image_path"), str) else None
         path = resolve_image_path(image_path, manifest_path) if image_path else None
         original = original_panel(path)
-        size = bucket_size(record)
-        if original.image is not None and size is not None:
-            full_w, full_h = original.size
-            left, top, right, bottom = cover_crop_box(full_w, full_h, *size)
-            scale = original.image.shape[1] / full_w
-            original.box = (left * scale, top * scale, right * scale, bottom * scale)
+        crop, box = crop_panel(record, path)
+        if original.image is not None and box is not None:
+            scale = original.image.shape[1] / original.size[0]
+            original.box = tuple(v * scale for v in box)
         entries.append(
             SheetEntry(
                 image_id=str(record.get("image_id") or image_path or "?"),
@@ -254,7 +253,7 @@ def sheet_entries(
                 height=record.get("height") if type(record.get("height")) is int else None,
                 image_path=image_path,
                 original=original,
-                crop=crop_panel(record, path),
+                crop=crop,
                 decoded=decoded_panel(record, base, decoder, decode_note),
             )
         )
@@ -302,12 +301,17 @@ class DatasetStats:
         return sum(1 for n in self.token_counts or () if n > T5_MAX_LENGTH)
 
 
-def _check_one(record: dict, base: Path) -> tuple[list[str], dict[str, str]]:
+def _check_one(record: dict, base: Path, expected) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(readiness reasons, {kind: verify file status}, {kind: provenance of the valid files}).
+
+    Readiness is `store.readiness_reasons` (headers only, what export uses); the file status
+    and provenance are `prep verify`'s own per-record check, which reads the data.
+    """
     from prep.verify import check_record
 
     reasons = store.readiness_reasons(record, base)
-    _, statuses = check_record(record, base)
-    return reasons, statuses
+    _, statuses, origins = check_record(record, base, expected)
+    return reasons, statuses, origins
 
 
 def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -334,7 +338,10 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
     """(DatasetStats, captions, the sampled records): readiness, verify status and distributions."""
     from tqdm.auto import tqdm
 
+    from prep import provenance
+
     stats = DatasetStats(records=len(manifest), rejected_now=len(manifest.rejected))
+    expected = provenance.expected_from_metadata(store.read_metadata(base))
     stats.rejected_saved = count_rejected_saved(manifest.path)
     captions: list[str] = []
     sampled: list[dict] = []
@@ -342,8 +349,8 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
     bar = tqdm(total=len(manifest), desc="report: check records", unit="rec", leave=False, disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for chunk in _chunks(manifest, 512):
-            results = pool.map(lambda r: _check_one(r, base), chunk)
-            for record, (reasons, statuses) in zip(chunk, results):
+            results = pool.map(lambda r: _check_one(r, base, expected), chunk)
+            for record, (reasons, statuses, origins) in zip(chunk, results, strict=True):
                 if position in sample_at:
                     sampled.append(record)
                 position += 1
@@ -356,6 +363,11 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
                 for kind, status in statuses.items():
                     label = "valid" if status == store.VALID else "missing" if status == store.MISSING else "invalid"
                     stats.artifacts[kind][label] += 1
+                for kind, origin in origins.items():
+                    if origin == provenance.UNKNOWN:
+                        stats.artifacts[kind]["unknown"] += 1
+                    elif provenance.is_stale(origin):
+                        stats.artifacts[kind]["stale"] += 1
                 _distributions(record, stats, captions)
             bar.update(len(chunk))
     bar.close()
@@ -403,7 +415,8 @@ GAP = 10
 PAD = 12
 CARD_GUTTER = 16
 SHEET_COLUMNS = 2
-CAPTION_LINES = 4
+CAPTION_LINES = 6  # at most; a row of cards is as tall as its longest caption
+LINE = 16
 BG = (255, 255, 255)
 CARD_BG = (248, 249, 251)
 CARD_BORDER = (214, 218, 224)
@@ -496,14 +509,21 @@ def _draw_panel(sheet, draw, panel: Panel, x: int, y: int, fonts: dict) -> None:
             )
 
 
-def card_size() -> tuple[int, int]:
-    width = 3 * CELL + 2 * GAP + 2 * PAD
-    height = PAD + 20 + 18 + CELL + 8 + CAPTION_LINES * 16 + PAD
-    return width, height
+def card_width() -> int:
+    return 3 * CELL + 2 * GAP + 2 * PAD
 
 
-def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, fonts: dict) -> None:
-    width, height = card_size()
+def card_height(caption_lines: int) -> int:
+    return PAD + 20 + 18 + CELL + 8 + max(1, caption_lines) * LINE + PAD
+
+
+def _caption_lines(entry: SheetEntry, font) -> list[str]:
+    caption = entry.caption if entry.caption is not None else "(no caption)"
+    return wrap_pixels(caption, font, card_width() - 2 * PAD, CAPTION_LINES)
+
+
+def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, height: int, fonts: dict) -> None:
+    width = card_width()
     flagged = bool(entry.flags)
     draw.rounded_rectangle(
         [x, y, x + width - 1, y + height - 1],
@@ -512,8 +532,6 @@ def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, fonts: dict) -> N
         outline=FLAG_BORDER if flagged else CARD_BORDER,
         width=2 if flagged else 1,
     )
-    title = wrap_pixels(entry.image_id, fonts["bold"], width - 2 * PAD - 170, 1)[0]
-    draw.text((x + PAD, y + PAD), title, font=fonts["bold"], fill=FLAG_TEXT if flagged else TEXT)
     meta = []
     if entry.bucket:
         meta.append(f"bucket {entry.bucket}")
@@ -521,20 +539,20 @@ def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, fonts: dict) -> N
         meta.append(f"{entry.width}×{entry.height}")
     meta_text = " · ".join(meta)
     meta_w = fonts["small"].getlength(meta_text)
+    title = wrap_pixels(entry.image_id, fonts["bold"], int(width - 2 * PAD - meta_w - 12), 1)[0]
+    draw.text((x + PAD, y + PAD), title, font=fonts["bold"], fill=FLAG_TEXT if flagged else TEXT)
     draw.text((x + width - PAD - meta_w, y + PAD + 2), meta_text, font=fonts["small"], fill=MUTED)
     labels = ("original", f"VAE input {entry.bucket or ''}".strip(), "VAE decode")
     panels = (entry.original, entry.crop, entry.decoded)
     top = y + PAD + 20
-    for i, (label, panel) in enumerate(zip(labels, panels)):
+    for i, (label, panel) in enumerate(zip(labels, panels, strict=True)):
         px = x + PAD + i * (CELL + GAP)
         draw.text((px, top), label, font=fonts["small"], fill=MUTED)
         _draw_panel(sheet, draw, panel, px, top + 18, fonts)
-    caption = entry.caption if entry.caption is not None else "(no caption)"
-    lines = wrap_pixels(caption, fonts["caption"], width - 2 * PAD, CAPTION_LINES)
     text_top = top + 18 + CELL + 8
-    for i, line in enumerate(lines):
+    for i, line in enumerate(_caption_lines(entry, fonts["caption"])):
         draw.text(
-            (x + PAD, text_top + i * 16),
+            (x + PAD, text_top + i * LINE),
             line,
             font=fonts["caption"],
             fill=TEXT if entry.caption is not None else MUTED,
@@ -546,17 +564,18 @@ def render_sheet(entries: list[SheetEntry], path: Path) -> tuple[int, int]:
     from PIL import Image, ImageDraw
 
     fonts = {"bold": _font(14, bold=True), "small": _font(12), "caption": _font(13)}
-    card_w, card_h = card_size()
-    rows = max(1, -(-len(entries) // SHEET_COLUMNS))
+    card_w = card_width()
+    rows = [entries[i : i + SHEET_COLUMNS] for i in range(0, len(entries), SHEET_COLUMNS)] or [[]]
+    heights = [card_height(max((len(_caption_lines(e, fonts["caption"])) for e in row), default=1)) for row in rows]
     width = SHEET_COLUMNS * card_w + (SHEET_COLUMNS - 1) * CARD_GUTTER + 2 * CARD_GUTTER
-    height = rows * card_h + (rows - 1) * CARD_GUTTER + 2 * CARD_GUTTER
+    height = sum(heights) + (len(rows) - 1) * CARD_GUTTER + 2 * CARD_GUTTER
     sheet = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(sheet)
-    for index, entry in enumerate(entries):
-        row, col = divmod(index, SHEET_COLUMNS)
-        x = CARD_GUTTER + col * (card_w + CARD_GUTTER)
-        y = CARD_GUTTER + row * (card_h + CARD_GUTTER)
-        _draw_card(sheet, draw, entry, x, y, fonts)
+    y = CARD_GUTTER
+    for row, row_height in zip(rows, heights, strict=True):
+        for col, entry in enumerate(row):
+            _draw_card(sheet, draw, entry, CARD_GUTTER + col * (card_w + CARD_GUTTER), y, row_height, fonts)
+        y += row_height + CARD_GUTTER
     sheet.save(path, optimize=True)
     return width, height
 

@@ -22,6 +22,8 @@ CHART_SIZE = (6.0, 3.3)  # inches; saved at CHART_DPI
 CHART_DPI = 130
 BAR_COLOR = "#3b6ea8"
 ALERT_COLOR = "#c81e1e"
+VERIFY_STATES = ("valid", "invalid", "missing", "stale", "unknown")
+BAD_STATES = ("invalid", "missing", "stale")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Chart:
 
 # ------------------------------------------------------------------------------ charts
 def _new_figure(figure_classes):
+    from matplotlib.ticker import MaxNLocator
+
     figure_cls, canvas_cls = figure_classes
     fig = figure_cls(figsize=CHART_SIZE, dpi=CHART_DPI, layout="constrained")
     canvas_cls(fig)
@@ -41,6 +45,7 @@ def _new_figure(figure_classes):
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig, ax
 
 
@@ -171,7 +176,7 @@ h3 { font-size:14px; margin:0 0 6px; text-transform:uppercase; letter-spacing:.0
 .tile .l { color:var(--muted); font-size:13px; }
 .tile.bad .n { color:var(--bad); }
 .tile.good .n { color:var(--ok); }
-.cols { display:grid; grid-template-columns:repeat(3,minmax(0,1fr)); gap:20px; }
+.cols { display:grid; grid-template-columns:minmax(0,1fr) minmax(0,1.2fr) minmax(0,1.4fr); gap:24px; }
 table { border-collapse:collapse; width:100%; font-size:13px; }
 th,td { text-align:left; padding:4px 8px 4px 0; border-bottom:1px solid #eceef1; vertical-align:top; }
 th { color:var(--muted); font-weight:600; }
@@ -226,14 +231,15 @@ def _verify_table(stats) -> str:
     for kind in ARTIFACTS:
         counts = stats.artifacts[kind]
         cells = "".join(
-            f'<td class="num{" bad" if name != "valid" and counts[name] else ""}">{counts[name]}</td>'
-            for name in ("valid", "invalid", "missing")
+            f'<td class="num{" bad" if name in BAD_STATES and counts[name] else ""}">{counts[name]}</td>'
+            for name in VERIFY_STATES
         )
         rows.append(f"<tr><td>{e(kind)}</td>{cells}</tr>")
+    head = "".join(f'<th class="num">{name}</th>' for name in VERIFY_STATES)
     return (
-        '<table><thead><tr><th>type</th><th class="num">valid</th><th class="num">invalid</th>'
-        f'<th class="num">missing</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
-        '<p class="meta">Data read in full: shape, dtype, length and finite values.</p>'
+        f'<table><thead><tr><th>type</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        '<p class="meta">As <code>prep verify</code>: data read in full (shape, dtype, length, finite '
+        "values). Stale (inputs or model changed) and unknown (no provenance) are among the valid.</p>"
     )
 
 
@@ -265,7 +271,7 @@ def _convention_table(metadata: dict) -> str:
 
 
 def _summary(stats, metadata: dict, notes: list[str]) -> str:
-    bad_types = sum(c["invalid"] + c["missing"] for c in stats.artifacts.values())
+    bad_types = sum(c["invalid"] + c["missing"] + c["stale"] for c in stats.artifacts.values())
     problems = stats.not_ready or stats.rejected_now or bad_types or stats.ready_but_invalid
     if not stats.records:
         verdict = "The manifest holds no usable record."

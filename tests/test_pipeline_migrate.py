@@ -230,8 +230,8 @@ def test_verify_json_reports_each_problem(tmp_path: Path, capsys) -> None:
     save_artifact(base, "vae", "shape", np.ones((16, 8, 9)))
     assert main(["verify", "--manifest", str(m), "--output-base-dir", str(base), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["artifacts"]["vae"] == {"valid": 1, "invalid": 2, "missing": 1}
-    assert report["artifacts"]["dinov3"] == {"valid": 3, "invalid": 0, "missing": 1}
+    assert report["artifacts"]["vae"] == {"valid": 1, "invalid": 2, "missing": 1, "stale": 0, "unknown": 1}
+    assert report["artifacts"]["dinov3"] == {"valid": 3, "invalid": 0, "missing": 1, "stale": 0, "unknown": 3}
     reasons = {(p["image_id"], p["kind"]): p["reason"] for p in report["problems"]}
     assert reasons[("nan", "vae")] == "invalid: non-finite values"
     assert reasons[("shape", "vae")].startswith("invalid: shape")

@@ -379,13 +379,14 @@ def _write_shard(
     keys = []
     with atomic_open(final, "wb") as raw:
         writer = _HashingWriter(raw)
-        tar = tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8")
-        tar.copybufsize = COPY_BUFSIZE
-        for row in shard.rows.tolist():
-            record = lookup(row)
-            on_sample(_add_sample(tar, record, derived_dir, extra_keys, fp))
-            keys.append(record["image_id"])
-        tar.close()  # end-of-archive blocks; the temp file is renamed only after this
+        # On an exception TarFile.__exit__ writes nothing more and atomic_open deletes the temp
+        # file; on success close() writes the end-of-archive blocks before the rename.
+        with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8") as tar:
+            tar.copybufsize = COPY_BUFSIZE
+            for row in shard.rows.tolist():
+                record = lookup(row)
+                on_sample(_add_sample(tar, record, derived_dir, extra_keys, fp))
+                keys.append(record["image_id"])
     info = {
         "bucket": shard.bucket,
         "path": shard.relpath,
