@@ -11,7 +11,6 @@ import os
 import re
 import struct
 import unicodedata
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from prep.config import IMAGE_EXTENSIONS
+from prep.preprocess import MAX_IMAGE_PIXELS
 from prep.records import is_safe_id
 
 EXIF_ORIENTATION = 0x0112
@@ -91,19 +91,19 @@ def read_image_header(path: str | Path) -> ImageHeader:
     try:
         if path.stat().st_size == 0:
             return ImageHeader(path, error="empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                image_format = img.format
-                # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
-                # image data; the header-only scan uses the eXIf read with the header (before IDAT).
-                pixels_needed = image_format == "PNG" and "exif" not in img.info
-                orientation = 1 if pixels_needed else img.getexif().get(EXIF_ORIENTATION, 1)
-            if _looks_truncated(path, image_format):
-                return ImageHeader(path, error="truncated file")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return ImageHeader(path, error=f"too many pixels (decompression bomb limit): {exc}".split(" could")[0])
+        with Image.open(path) as img:  # Pillow itself refuses > 2x its limit (DecompressionBombError)
+            width, height = img.size
+            image_format = img.format
+            # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
+            # image data; the header-only scan uses the eXIf read with the header (before IDAT).
+            pixels_needed = image_format == "PNG" and "exif" not in img.info
+            orientation = 1 if pixels_needed else img.getexif().get(EXIF_ORIENTATION, 1)
+        if width * height > MAX_IMAGE_PIXELS:  # the decoder's limit, so scan and decode agree
+            return ImageHeader(path, error=f"decompression bomb: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+        if _looks_truncated(path, image_format):
+            return ImageHeader(path, error="truncated file")
+    except Image.DecompressionBombError as exc:
+        return ImageHeader(path, error=f"decompression bomb: {str(exc).split(' could')[0]}")
     except UnidentifiedImageError:
         return ImageHeader(path, error="not a recognised image")
     except (OSError, SyntaxError, ValueError, struct.error) as exc:

@@ -174,11 +174,11 @@ def test_load_npy_none_for_an_npz_archive(tmp_path):
     assert read_npy_header(zipped) is None
 
 
-SIDE_EFFECTS: list[str] = []
+_side_effects: list[str] = []
 
 
 def _record_side_effect(marker: str) -> str:
-    SIDE_EFFECTS.append(marker)
+    _side_effects.append(marker)
     Path(marker).write_text("unpickled!")
     return marker
 
@@ -197,13 +197,13 @@ def test_load_npy_never_unpickles(tmp_path):
     marker = tmp_path / "side_effect.txt"
     path = tmp_path / "evil.npy"
     np.save(path, np.array([Evil(str(marker))], dtype=object), allow_pickle=True)
-    SIDE_EFFECTS.clear()
+    _side_effects.clear()
     assert load_npy(path) is None
     assert read_npy_header(path) is None
-    assert not marker.exists() and SIDE_EFFECTS == []
+    assert not marker.exists() and _side_effects == []
     # the check can fail: an unsafe load does run the payload
     np.load(path, allow_pickle=True)
-    assert marker.exists() and SIDE_EFFECTS == [str(marker)]
+    assert marker.exists() and _side_effects == [str(marker)]
 
 
 def test_check_artifact_never_unpickles(tmp_path):
