@@ -150,17 +150,19 @@ def test_unreadable_reasons_are_specific(images):
     assert read_image_header(str(images["missing"][0])).error.startswith("unreadable")
 
 
-def test_bomb_between_one_and_two_times_the_limit(tmp_path, monkeypatch):
-    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; the scan still refuses."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    warned = ig.save_rgb(tmp_path / "warn.png", 40, 40)  # 1600 px: the warning zone
-    errored = ig.save_rgb(tmp_path / "error.png", 50, 50)  # 2500 px: Pillow raises
+def test_bomb_limit_is_the_decoders_and_pillow_errors_are_caught(tmp_path, monkeypatch):
+    """The scan refuses what the decoder would refuse (one limit), and Pillow's own error too."""
+    import prep.scan as scan_module
+
+    monkeypatch.setattr(scan_module, "MAX_IMAGE_PIXELS", 1000)
+    over = ig.save_rgb(tmp_path / "over.png", 40, 40)  # 1600 px > our limit
     fine = ig.save_rgb(tmp_path / "fine.png", 30, 30)
+    assert read_image_header(over).error.startswith("decompression bomb")
+    assert read_image_header(fine) == ImageHeader(fine, 30, 30)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow raises above 2x its own limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert read_image_header(warned).error.startswith("too many pixels")
-        assert read_image_header(errored).error.startswith("too many pixels")
-        assert read_image_header(fine) == ImageHeader(fine, 30, 30)
+        assert read_image_header(over).error.startswith("decompression bomb")
 
 
 @pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.95, 0.999])
