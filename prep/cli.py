@@ -251,7 +251,10 @@ def add_export_parsers(subparsers) -> None:
         help="export folder: bucket_WxH/ shard folders, README.md, index.json, stats.json (default: %(default)s)",
     )
     p.add_argument(
-        "--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s; ~0.7 MB each at 1024^2)"
+        "--shard-size",
+        type=int,
+        default=1000,
+        help="samples per shard (default: %(default)s, about 0.7 GB per shard at 1024x1024)",
     )
     p.add_argument(
         "--limit", type=int, default=None, help="export at most N samples, taken after shuffling (default: all)"

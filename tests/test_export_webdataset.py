@@ -309,3 +309,27 @@ def test_cli(data, tmp_path, capsys):
     for flag in ("--input-jsonl", "--derived-dir", "--output-dir", "--limit", "--shard-size", "--shuffle", "--seed",
                  "--bucket", "--overwrite", "--resume", "--dry-run", "--progress-every"):
         assert flag in helptext
+
+
+def test_card_from_metadata(tmp_path):
+    import yaml
+
+    data = build_dataset(tmp_path, per_bucket=1, broken=False)
+    store.update_metadata(data["derived"], {
+        "vae": {"latent": "posterior_mean", "transform": "(z - shift_factor) * scaling_factor",
+                "shift_factor": 0.1159, "scaling_factor": 0.3611, "model_id": "black-forest-labs/FLUX.1-dev",
+                "subfolder": "vae"},
+        "models": {"vae": {"model_id": "black-forest-labs/FLUX.1-dev", "revision": "abc123"},
+                   "t5": {"model_id": "google-t5/t5-large", "revision": "unknown"}},
+    })
+    out = tmp_path / "out"
+    _export(data, out)
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["configs"] == [
+        {"config_name": f"bucket_{b}", "data_files": [{"split": "train", "path": f"bucket_{b}/*.tar"}]}
+        for b in sorted(SMALL_BUCKETS)
+    ]
+    for text in ("posterior_mean", "0.1159", "0.3611", "`black-forest-labs/FLUX.1-dev`", "abc123",
+                 "google-t5/t5-large", "| `bucket_64x128` | (16, 16, 8) | 1 | 1 |"):
+        assert text in card

@@ -32,6 +32,7 @@ Memory is flat in the number of samples: only row numbers are held, never payloa
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
 import hashlib
@@ -165,7 +166,7 @@ def choose_extra_fields(records: Iterable[dict]) -> tuple[list[str], dict[str, s
             for key, value in extras.items():
                 kind = _scalar_type(value)
                 if kind is None:
-                    dropped[key] = "not a scalar (or null / NaN / huge int)"
+                    dropped[key] = "not a scalar (list, dict, null, NaN or out-of-int64 value)"
                 else:
                     types[key] = kind
             continue
@@ -247,9 +248,11 @@ def make_plan(
         codes = np.asarray(buckets, dtype=np.int64)
     order = np.arange(len(rows), dtype=np.int64)
     if shuffle:
-        positions = order.tolist()
+        # random.Random(seed).shuffle on a compact int64 array.array: the same permutation
+        # as on a list, at 8 bytes per sample instead of ~36.
+        positions = array.array("q", order.tobytes())
         random.Random(seed).shuffle(positions)
-        order = np.asarray(positions, dtype=np.int64)
+        order = np.frombuffer(positions, dtype=np.int64)
     if limit is not None:
         order = order[:limit]
     codes = codes[order]
@@ -399,6 +402,7 @@ def _write_shard(
     side = sidecar_path(out, shard.relpath)
     side.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(side, json.dumps(info, separators=(",", ":")) + "\n")
+    del info["keys"]  # only the sidecar keeps the key list: memory stays flat in the sample count
     return info
 
 
@@ -422,6 +426,7 @@ def _kept_shard(out: Path, shard: ShardPlan, fingerprint: str, *, verify: bool) 
         return None
     if verify and sha256_file(path) != info.get("sha256"):
         return None
+    info.pop("keys", None)
     return info
 
 
@@ -681,6 +686,7 @@ def export_webdataset(
     )
     done = 0
     written_bytes = 0
+    write_started = time.perf_counter()
 
     def on_sample(nbytes: int) -> None:
         nonlocal done, written_bytes
@@ -688,7 +694,7 @@ def export_webdataset(
         written_bytes += nbytes
         bar.update(1)
         if progress_every and done % progress_every == 0:
-            elapsed = max(time.perf_counter() - started, 1e-9)
+            elapsed = max(time.perf_counter() - write_started, 1e-9)
             logger.info(
                 "exported %d/%d samples (%.0f samples/s, %.0f MB/s)",
                 done, total_todo, done / elapsed, written_bytes / 1e6 / elapsed,
