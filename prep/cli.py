@@ -287,6 +287,12 @@ def add_export_parsers(subparsers) -> None:
         "--dry-run", action="store_true", help="check readiness and plan the shards; write nothing"
     )
     p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="export artifacts whose provenance is stale (image/caption edited, bucket or model changed "
+        "since they were made); refused by default",
+    )
+    p.add_argument(
         "--progress-every",
         type=int,
         default=5000,
@@ -347,6 +353,7 @@ def cmd_export_webdataset(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress_every=args.progress_every,
         num_proc=args.num_proc,
+        allow_stale=args.allow_stale,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
     return EXIT_OK

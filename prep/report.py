@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 16
 THUMB_MAX = 384  # longest side of the stored original thumbnail (the sheet shows it smaller)
 SHEET_PAGE = 24  # samples per contact-sheet PNG (keeps each image a sane height)
-STATUS_BUCKETS = ("valid", "invalid", "missing")
+REJECTED_SHOWN = 10  # rejected manifest lines listed on the page (all are counted)
 
 
 class ReportError(UserError):
@@ -283,6 +283,7 @@ class DatasetStats:
     ready_but_invalid: int = 0  # header-ready records whose data fails verify (e.g. NaN)
     rejected_now: int = 0  # lines the manifest reader sets aside today
     rejected_saved: int = 0  # lines earlier rewrites moved to <manifest>.rejected.jsonl
+    rejected_examples: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), first few
     artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.ARTIFACTS})
     buckets: Counter = field(default_factory=Counter)
     megapixels: list[float] = field(default_factory=list)
@@ -343,6 +344,7 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
     stats = DatasetStats(records=len(manifest), rejected_now=len(manifest.rejected))
     expected = provenance.expected_from_metadata(store.read_metadata(base))
     stats.rejected_saved = count_rejected_saved(manifest.path)
+    stats.rejected_examples = [(item.lineno, item.reason) for item in manifest.rejected[:REJECTED_SHOWN]]
     captions: list[str] = []
     sampled: list[dict] = []
     position = 0
@@ -397,6 +399,7 @@ def count_tokens(captions: list[str], tokenizer_id: str | None, stats: DatasetSt
         from prep.encoders.t5 import T5Encoder
 
         tokenizer = T5Encoder.load_tokenizer_only(tokenizer_id).tokenizer
+        tokenizer.model_max_length = 1 << 30  # counting, not encoding: no "longer than maximum" warning
     except Exception as exc:  # any load failure (offline, wrong id) is a note, not a failed report
         text = " ".join(str(exc).split())[:200]
         stats.token_note = f"T5 token counts skipped: tokenizer {tokenizer_id!r} could not be loaded ({type(exc).__name__}: {text})."
@@ -404,7 +407,7 @@ def count_tokens(captions: list[str], tokenizer_id: str | None, stats: DatasetSt
     counts: list[int] = []
     for start in range(0, len(captions), 1000):
         batch = captions[start : start + 1000]
-        ids = tokenizer(batch, truncation=False, padding=False, verbose=False)["input_ids"]
+        ids = tokenizer(batch, truncation=False, padding=False)["input_ids"]
         counts.extend(len(x) for x in ids)
     stats.token_counts = counts
 
@@ -713,8 +716,9 @@ def build_report(
         notes.append(stats.token_note)
     if stats.ready_but_invalid:
         notes.append(
-            f"{stats.ready_but_invalid} record(s) pass the header-only readiness check but their side files fail "
-            "verify (non-finite values or truncated data): run `prep verify` and re-encode them."
+            f"{stats.ready_but_invalid} record{'' if stats.ready_but_invalid == 1 else 's'} pass the header-only "
+            "readiness check (the one export uses) but fail verify (non-finite values or truncated data): "
+            "export would ship them; run `prep verify` and re-encode them."
         )
 
     decoder, decode_note = None, "not decoded (--no-decode)"

@@ -85,15 +85,20 @@ def bucket_chart(buckets: Counter, path: Path, figure_classes) -> None:
     fig.savefig(path)
 
 
+def median_of(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def size_chart(megapixels: list[float], path: Path, figure_classes) -> None:
     fig, ax = _new_figure(figure_classes)
     if megapixels:
         ax.hist(megapixels, bins=min(40, max(5, len(set(megapixels)))), color=BAR_COLOR)
         ax.set_xlabel("original size (megapixels = width × height / 10⁶)")
         ax.set_ylabel("images")
-        median = sorted(megapixels)[len(megapixels) // 2]
-        ax.axvline(median, color="#444", linestyle=":", linewidth=1)
-        ax.text(median, ax.get_ylim()[1] * 0.95, f" median {median:.2g} MP", fontsize=8, va="top")
+        ax.axvline(median_of(megapixels), color="#444", linestyle=":", linewidth=1, label="median")
+        ax.legend(frameon=False, fontsize=8)
     else:
         _empty(ax, "no record has a width and height")
     ax.set_title("Original image sizes", fontsize=11)
@@ -138,7 +143,9 @@ def render_charts(stats, out: Path, figure_classes) -> list[Chart]:
     path = out / "sizes.png"
     size_chart(stats.megapixels, path, figure_classes)
     charts.append(Chart(path, "Original sizes", "histogram of original image sizes in megapixels",
-                        f"{len(stats.megapixels)} records with a size"))
+                        f"{len(stats.megapixels)} records with a size"
+                        + (f"; median {median_of(stats.megapixels):.3g} MP, largest {max(stats.megapixels):.3g} MP"
+                           if stats.megapixels else "")))
     path = out / "caption_words.png"
     words_chart(stats.caption_words, path, figure_classes)
     charts.append(Chart(path, "Caption length (words)", "histogram of caption lengths in words",
@@ -204,6 +211,11 @@ def e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """'1 record', '2 records' (the count included)."""
+    return f"{count} {singular if count == 1 else plural_form or singular + 's'}"
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "–"
 
@@ -224,6 +236,15 @@ def _reasons_table(stats) -> str:
         f"<tbody>{rows}</tbody></table>"
         '<p class="meta">A record with several problems counts under each.</p>'
     )
+
+
+def _rejected_list(stats) -> str:
+    if not stats.rejected_examples:
+        return ""
+    items = "".join(f"<li>line {line}: {e(reason)}</li>" for line, reason in stats.rejected_examples)
+    more = stats.rejected_now - len(stats.rejected_examples)
+    tail = f"<li>… and {more} more</li>" if more > 0 else ""
+    return f'<h3 style="margin-top:14px">Rejected manifest lines</h3><ul class="meta">{items}{tail}</ul>'
 
 
 def _verify_table(stats) -> str:
@@ -276,12 +297,20 @@ def _summary(stats, metadata: dict, notes: list[str]) -> str:
     if not stats.records:
         verdict = "The manifest holds no usable record."
     elif problems:
-        verdict = (
-            f"{stats.not_ready} of {stats.records} records are not ready for training"
-            f"{'' if not stats.rejected_now else f'; {stats.rejected_now} manifest lines are rejected'}."
-        )
+        parts = []
+        if stats.not_ready:
+            parts.append(f"{stats.not_ready} of {plural(stats.records, 'record')} "
+                         f"{'is' if stats.not_ready == 1 else 'are'} not ready for training")
+        else:
+            parts.append(f"all {plural(stats.records, 'record')} pass the readiness check")
+        if stats.rejected_now:
+            parts.append(f"{plural(stats.rejected_now, 'manifest line')} rejected")
+        if bad_types:
+            parts.append(f"{plural(bad_types, 'side file')} invalid, missing or stale")
+        verdict = "; ".join(parts)
+        verdict = verdict[0].upper() + verdict[1:] + "."
     else:
-        verdict = f"All {stats.records} records are ready and every side file verifies."
+        verdict = f"All {plural(stats.records, 'record')} are ready and every side file verifies."
     rejected_label = "rejected manifest lines"
     if stats.rejected_saved:
         rejected_label += f" (+{stats.rejected_saved} set aside earlier in .rejected.jsonl)"
@@ -300,7 +329,7 @@ def _summary(stats, metadata: dict, notes: list[str]) -> str:
 <p class="verdict">{e(verdict)}</p>
 <div class="tiles">{tiles}</div>
 <div class="cols">
-<div><h3>Not ready, by reason</h3>{_reasons_table(stats)}</div>
+<div><h3>Not ready, by reason</h3>{_reasons_table(stats)}{_rejected_list(stats)}</div>
 <div><h3>Side files (verify)</h3>{_verify_table(stats)}</div>
 <div><h3>Models</h3>{_models_table(metadata)}<h3 style="margin-top:14px">Latent convention</h3>{_convention_table(metadata)}</div>
 </div>

@@ -19,6 +19,7 @@ import numpy as np
 from prep.buckets import latent_shape
 from prep.config import DINOV3_DIM, T5_HIDDEN_DIM, T5_MAX_LENGTH, VAE_DOWNSCALE, VAE_LATENT_CHANNELS
 from prep.fsio import atomic_open, atomic_write_text, sweep_temp_files
+from prep.provenance import Expected, artifact_status, is_stale
 from prep.records import is_safe_id, validate_record
 
 METADATA_FILE = "prep_metadata.json"
@@ -174,11 +175,14 @@ def update_metadata(base: str | Path, updates: dict) -> dict:
     return metadata
 
 
-def readiness_reasons(record: dict, base: str | Path, *, read_data: bool = False) -> list[str]:
+def readiness_reasons(
+    record: dict, base: str | Path, *, read_data: bool = False, stale_against: Expected | None = None
+) -> list[str]:
     """Why `record` cannot go into a training shard yet (empty list = ready).
 
     The record must be a valid v2 record and each of its three artifacts valid; by default
     only .npy headers are read, which is what readiness filters over millions of rows need.
+    With `stale_against`, an artifact whose provenance is stale ("vae stale") is not ready either.
     """
     reasons = validate_record(record)
     if "missing image_id" in reasons or "unsafe image_id" in reasons:
@@ -189,4 +193,6 @@ def readiness_reasons(record: dict, base: str | Path, *, read_data: bool = False
         status = check_artifact(base, kind, record, read_data=read_data)
         if status != VALID:
             reasons.append(f"{kind} {status.split(':')[0]}")
+        elif stale_against is not None and is_stale(artifact_status(kind, record, stale_against)):
+            reasons.append(f"{kind} stale")
     return reasons

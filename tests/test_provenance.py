@@ -223,3 +223,19 @@ def test_old_manifest_without_provenance_is_unknown_until_adopted(work: Path, ti
     report = json.loads(capsys.readouterr().out)
     assert report["artifacts"]["vae"]["unknown"] == 0 and report["artifacts"]["vae"]["stale"] == 0
     assert all("vae" in r["provenance"] for r in records(work).values())
+
+
+def test_export_refuses_stale_artifacts_unless_allowed(work: Path, tiny_models, capsys) -> None:
+    manifest = work / "manifest.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[0]["caption"] = "edited, T5 not refreshed"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(job(work, tiny_models, "--keep-stale")) == 0
+    capsys.readouterr()
+    export = ["export", "webdataset", "--input-jsonl", str(manifest), "--derived-dir", str(work / "derived"), "--json"]
+    assert main([*export, "--output-dir", str(work / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped_incomplete"] == {"t5 stale": 1}
+    assert summary["written_samples"] == 13
+    assert main([*export, "--output-dir", str(work / "shards-all"), "--allow-stale"]) == 0
+    assert json.loads(capsys.readouterr().out)["written_samples"] == 14

@@ -58,6 +58,7 @@ from prep import __version__, config, store
 from prep.buckets import format_bucket, latent_shape, parse_bucket_list
 from prep.fsio import TMP_MARK, atomic_open, atomic_write_text, fsync_dir
 from prep.manifest import Manifest, read_manifest
+from prep.provenance import expected_from_metadata
 from prep.records import INLINE_DINOV3_FIELD, V2_FIELDS, is_safe_id
 
 logger = logging.getLogger(__name__)
@@ -271,13 +272,20 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def readiness(
-    manifest: Manifest, derived_dir: Path, selected: set[str] | None = None, *, num_proc: int | None = None
+    manifest: Manifest,
+    derived_dir: Path,
+    selected: set[str] | None = None,
+    *,
+    num_proc: int | None = None,
+    allow_stale: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, int], int, int]:
     """(ready rows, bucket codes, bucket names, {reason: count}, not ready, outside `selected`).
 
     A `Dataset.filter` over the manifest's projected rows; each row's full record is looked
     up and checked with `store.readiness_reasons` (v2 fields, mask, and the three .npy
     headers: shape and dtype). A record with several problems counts under each reason.
+    Unless `allow_stale`, an artifact whose provenance is stale (image or caption edited,
+    bucket or model changed since, judged against the last run's models) is not ready.
     """
     import pyarrow.compute as pc
 
@@ -295,9 +303,10 @@ def readiness(
         excluded = total - len(ds)
     lookup = RecordLookup(manifest)
     base = str(derived_dir)
+    yardstick = None if allow_stale else expected_from_metadata(store.read_metadata(derived_dir))
 
     def reasons(rows: list[int]) -> dict:
-        return {"not_ready": [store.readiness_reasons(lookup(row), base) for row in rows]}
+        return {"not_ready": [store.readiness_reasons(lookup(row), base, stale_against=yardstick) for row in rows]}
 
     # Explicit fingerprints: hashing the closure would serialise the whole manifest.
     ds = ds.map(
@@ -582,6 +591,7 @@ def export_webdataset(
     num_proc: int | None = None,
     verify_kept: bool = True,
     progress_bar: bool | None = None,
+    allow_stale: bool = False,
 ) -> ExportSummary:
     """Export the ready records of a manifest as WebDataset shards (see the module doc).
 
@@ -611,7 +621,9 @@ def export_webdataset(
     selected = normalise_buckets(buckets)
 
     manifest = read_manifest(input_jsonl)
-    rows, codes, names, reasons, not_ready, excluded = readiness(manifest, derived_dir, selected, num_proc=num_proc)
+    rows, codes, names, reasons, not_ready, excluded = readiness(
+        manifest, derived_dir, selected, num_proc=num_proc, allow_stale=allow_stale
+    )
     plan = make_plan(
         rows, codes, bucket_names=names, shuffle=shuffle, seed=seed, limit=limit, shard_size=shard_size
     )
@@ -637,6 +649,7 @@ def export_webdataset(
             "shuffle": shuffle,
             "seed": seed,
             "buckets": sorted(selected) if selected else None,
+            "allow_stale": allow_stale,
         },
     )
     for shard in plan:
