@@ -395,7 +395,9 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
     parser.add_argument(
-        "--no-decode", action="store_true", help="do not load the VAE; the sheet shows originals and crops only"
+        "--no-decode",
+        action="store_true",
+        help="do not load the VAE: the sheet shows originals and crops; latents are still checked for NaN/Inf",
     )
     parser.add_argument(
         "--vae-model", default=None, help="VAE to decode with (default: the one in prep_metadata.json)"

@@ -1,9 +1,12 @@
 """One encoder pass on one rank: load the model, `Dataset.map` over the rank's shard, unload.
 
 Images are decoded in DataLoader workers while the model runs; side files are written on a
-thread pool; record updates (captions, T5 masks, provenance) go to the rank's journal,
-each only after the file it describes is on disk, so the journal never vouches for an
-artifact that a crash lost.
+thread pool; record updates (captions, T5 masks, provenance) go to the rank's journal.
+
+Crash ordering, so that a stamp never vouches for the wrong file: for DINOv3 and VAE
+artifacts the old file (if any) is removed, then the batch's stamps are journaled, then the
+new files are written; a crash in between leaves a missing file, which is simply redone.
+For T5 the file is written before its mask and stamp are journaled (no mask = redone).
 """
 
 from __future__ import annotations
@@ -212,10 +215,12 @@ class PassContext:
             journal.merge_into_manifest(self.opts.manifest)
 
 
-def save_then_journal(ctx: PassContext, image_id: str, array, update: dict) -> None:
-    """Writer-thread job: the side file first, then the journal line that vouches for it."""
-    store.save_artifact(ctx.opts.output_base_dir, ctx.kind, image_id, array)
-    ctx.journal.append([update])
+def retire_then_journal(ctx: PassContext, updates: list[dict]) -> None:
+    """Remove the files about to be replaced, then journal their new stamps (one fsync per batch)."""
+    for update in updates:
+        with contextlib.suppress(FileNotFoundError):
+            store.artifact_path(ctx.opts.output_base_dir, ctx.kind, update["image_id"]).unlink()
+    ctx.journal.append(updates)
 
 
 # -------------------------------------------------------------------------- transforms
@@ -260,21 +265,27 @@ def encode_image_batch(batch: dict, *, ctx: PassContext, loader_iter: Iterator) 
             raise
         except Exception as exc:  # a model error fails this batch's records, not the run
             outputs = [(image_id, None, {}, f"{type(exc).__name__}: {exc}") for image_id, _ in good]
+        updates, arrays = [], []
         for image_id, result, inputs, error in outputs:
             if error is not None:
                 status[image_id] = ctx.fail(image_id, error)
                 continue
             fp = fingerprints[image_id]
-            update = {"image_id": image_id, "image_fingerprint": fp}
             stamp = ctx.stamp(image_sha256=fp["sha256"] if fp else None, **inputs)
+            update = {"image_id": image_id, "image_fingerprint": fp, f"provenance.{ctx.kind}": stamp}
             if ctx.kind == "caption":
                 stamp.update(source="model", text_sha256=text_sha256(result))
-                ctx.journal.append([{**update, "caption": result, "provenance.caption": stamp}])
+                update["caption"] = result
             else:
-                ctx.writer.submit(
-                    save_then_journal, ctx, image_id, result, {**update, f"provenance.{ctx.kind}": stamp}
-                )
+                arrays.append((image_id, result))
+            updates.append(update)
             status[image_id] = ctx.succeed(image_id)
+        if ctx.kind == "caption":
+            ctx.journal.append(updates)
+        elif updates:
+            retire_then_journal(ctx, updates)
+            for image_id, array in arrays:
+                ctx.writer.submit(store.save_artifact, ctx.opts.output_base_dir, ctx.kind, image_id, array)
     ctx.after_batch()
     return {"status": [status[i] for i in ids]}
 

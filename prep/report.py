@@ -267,11 +267,6 @@ def sample_indices(total: int, count: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), count))
 
 
-def sample_records(records: list[dict], count: int, seed: int) -> list[dict]:
-    """The seeded sample of records the contact sheet shows."""
-    return [records[i] for i in sample_indices(len(records), count, seed)]
-
-
 # ------------------------------------------------------------------------------ statistics
 @dataclass
 class DatasetStats:
@@ -305,12 +300,13 @@ class DatasetStats:
 def _check_one(record: dict, base: Path, expected) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(readiness reasons, {kind: verify file status}, {kind: provenance of the valid files}).
 
-    Readiness is `store.readiness_reasons` (headers only, what export uses); the file status
-    and provenance are `prep verify`'s own per-record check, which reads the data.
+    Readiness is `store.readiness_reasons` exactly as export asks it (headers only, stale
+    artifacts not ready); file status and provenance are `prep verify`'s own per-record
+    check, which reads the data.
     """
     from prep.verify import check_record
 
-    reasons = store.readiness_reasons(record, base)
+    reasons = store.readiness_reasons(record, base, stale_against=expected)
     _, statuses, origins = check_record(record, base, expected)
     return reasons, statuses, origins
 
@@ -724,6 +720,8 @@ def build_report(
     decoder, decode_note = None, "not decoded (--no-decode)"
     if decode and sampled:
         decoder, decode_note = load_decoder(metadata, vae_model, vae_subfolder, device, dtype, notes)
+        if decoder is not None and str(decoder.device) == "cpu":
+            logger.info("decoding %d latents on the CPU (slow for 1024px buckets; --no-decode skips it)", len(sampled))
     entries = sheet_entries(
         sampled, base, decoder=decoder, decode_note=decode_note, manifest_path=manifest_path, progress=progress
     )
