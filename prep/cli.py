@@ -240,6 +240,8 @@ def add_export_parsers(subparsers) -> None:
     )
     p.add_argument(
         "--derived-dir",
+        "--output-base-dir",
+        dest="derived_dir",
         type=Path,
         default=config.DEFAULT_OUTPUT_BASE_DIR,
         help="folder holding dinov3/, vae_latents/, t5_hidden/ (default: %(default)s)",
