@@ -28,6 +28,7 @@ from prep import store
 from prep.buckets import parse_bucket
 from prep.config import T5_MAX_LENGTH
 from prep.errors import UserError
+from prep.fsio import atomic_write_text
 from prep.manifest import read_manifest, rejected_path
 from prep.records import has_caption, is_safe_id
 
@@ -737,7 +738,8 @@ def build_report(
         sheets.append(sheet)
     charts = report_html.render_charts(stats, out, figure_classes)
     html_path = out / "index.html"
-    html_path.write_text(
+    atomic_write_text(
+        html_path,
         report_html.render_page(
             manifest_path=manifest_path,
             derived_dir=base,
@@ -751,7 +753,6 @@ def build_report(
             seed=seed,
             decoded=decoder is not None,
         ),
-        encoding="utf-8",
     )
     return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata)
 
