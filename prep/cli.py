@@ -111,7 +111,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument(
-        "--batch-size", type=int, default=8, help="images per VAE / DINOv3 batch (default: %(default)s)"
+        "--batch-size", type=int, default=None, help="images per VAE / DINOv3 batch (default: 8 on a GPU, 1 on a CPU)"
     )
     speed.add_argument(
         "--text-batch-size", type=int, default=64, help="captions per T5 batch (default: %(default)s)"

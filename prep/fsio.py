@@ -77,14 +77,19 @@ def fsync_dir(directory: str | Path) -> None:
             os.close(fd)
 
 
-def sweep_temp_files(directory: str | Path) -> int:
-    """Remove temp files a killed run left in `directory` (not recursive); return how many."""
+def sweep_temp_files(directory: str | Path, prefix: str = "") -> int:
+    """Remove temp files a killed run left in `directory` (not recursive); return how many.
+
+    With `prefix`, only the temp files of one target: `atomic_open(dir/NAME)` names its temp
+    file `.NAME.<random>.prep-tmp`, so prefix `.NAME.` selects the temps of NAME (and of
+    files whose name starts with NAME + ".").
+    """
     removed = 0
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     for entry in os.scandir(directory):
-        if entry.name.endswith(TMP_MARK) and entry.is_file():
+        if entry.name.startswith(prefix) and entry.name.endswith(TMP_MARK) and entry.is_file():
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 removed += 1

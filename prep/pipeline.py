@@ -33,6 +33,7 @@ from pathlib import Path
 from prep import journal, provenance, store
 from prep.buckets import assign_aspect_bucket, format_bucket, parse_bucket
 from prep.errors import UserError
+from prep.fsio import sweep_temp_files
 from prep.manifest import Manifest, read_manifest, write_manifest
 from prep.migrate import EXTRACTED, FAILED, MIGRATED, ids_for_records, migrate_record
 from prep.needs import NEEDS, NeedsPlan
@@ -95,7 +96,7 @@ def check_inputs(opts: RunOptions) -> None:
         )
     for width, height in opts.buckets:
         parse_bucket(f"{width}x{height}")
-    if opts.batch_size < 1 or opts.text_batch_size < 1 or opts.caption_batch_size < 1:
+    if (opts.batch_size is not None and opts.batch_size < 1) or opts.text_batch_size < 1 or opts.caption_batch_size < 1:
         raise RunError("batch sizes must be >= 1")
 
 
@@ -168,6 +169,10 @@ def prepare_manifest(opts: RunOptions, tally: Tally) -> None:
         start_over(opts)
     store.ensure_dirs(opts.output_base_dir)
     swept = store.sweep_stray_temp_files(opts.output_base_dir)
+    # A manifest checkpoint (or rejected-lines / metadata rewrite) killed before its rename
+    # leaves `.manifest.jsonl.<random>.prep-tmp` beside the manifest: sweep those too.
+    swept += sweep_temp_files(opts.manifest.parent, prefix=f".{opts.manifest.name}.")
+    swept += sweep_temp_files(opts.output_base_dir, prefix=f".{store.METADATA_FILE}.")
     if swept:
         logger.info("removed %d temp files left by an interrupted run", swept)
     legacy_idx = opts.manifest.with_suffix(".idx")

@@ -8,8 +8,11 @@ the one place that decides whether an artifact is valid, so verify, the encoder 
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ from prep.provenance import Expected, artifact_status, is_stale
 from prep.records import is_safe_id, validate_record
 
 METADATA_FILE = "prep_metadata.json"
+# What numpy raises on a bad .npy: a malformed header dict fails in its tokenizer or
+# literal_eval (SyntaxError, TokenError), not only with ValueError.
+_BAD_NPY = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,19 @@ def save_npy(array: np.ndarray, path: str | Path, dtype: np.dtype | str) -> None
     if data.dtype.hasobject:
         raise TypeError("refusing to save an object array")
     with atomic_open(path, "wb") as f:
-        np.lib.format.write_array(f, data, allow_pickle=False)
+        np.lib.format.write_array(_PythonWrites(f), data, allow_pickle=False)
+
+
+class _PythonWrites:
+    """A file seen through its `write` only, so numpy writes with Python's write, not C fwrite.
+
+    numpy's fast path for real files reports a short write (full disk) as "78848 requested
+    and 36800 written", without the errno; Python's write raises "[Errno 28] No space left
+    on device", which the CLI prints as its one-line error.
+    """
+
+    def __init__(self, f):
+        self.write = f.write
 
 
 def save_artifact(base: str | Path, kind: str, image_id: str, array: np.ndarray) -> Path:
@@ -102,26 +120,55 @@ def load_npy(path: str | Path) -> np.ndarray | None:
     try:
         with open(path, "rb") as f:  # the .npy format only: np.load would also open .npz archives
             return np.lib.format.read_array(f, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+    except _BAD_NPY:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(prefix: bytes, header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """numpy's own header parser, cached: files of one kind and bucket share one header, and
+    parsing (a literal_eval) costs more than the read itself."""
+    f = io.BytesIO(prefix + header)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), fortran, dtype
+
+
+def _npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) or None (unreadable, pickled, Fortran order or truncated payload).
+
+    Raises FileNotFoundError for a missing file, so callers can tell missing from broken.
+    """
+    with open(path, "rb") as f:
+        first = f.read(12)
+        if len(first) < 10 or not first.startswith(b"\x93NUMPY"):
+            return None
+        if first[6] == 1:  # version 1: 2-byte header length
+            prefix, header_len = first[:10], int.from_bytes(first[8:10], "little")
+            header = first[10:] + f.read(max(0, header_len - len(first[10:])))
+        else:  # versions 2 and 3: 4-byte header length
+            prefix, header_len = first, int.from_bytes(first[8:12], "little")
+            header = f.read(header_len)
+        if len(header) != header_len:
+            return None
+        size = os.fstat(f.fileno()).st_size
+    try:
+        shape, fortran, dtype = _parse_npy_header(prefix, header)
+    except _BAD_NPY:
+        return None
+    if dtype.hasobject or fortran:
+        return None
+    if size < len(prefix) + header_len + int(np.prod(shape)) * dtype.itemsize:
+        return None  # truncated payload
+    return shape, dtype
 
 
 def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
     """(shape, dtype) from the .npy header alone, or None if missing/unreadable/truncated."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            data_offset = f.tell()
-        if dtype.hasobject or fortran:
-            return None
-        if os.path.getsize(path) < data_offset + int(np.prod(shape)) * dtype.itemsize:
-            return None  # truncated payload
-        return tuple(shape), dtype
-    except (OSError, ValueError, EOFError):
+        return _npy_header(path)
+    except OSError:
         return None
 
 
@@ -129,28 +176,34 @@ def check_artifact(base: str | Path, kind: str, record: dict, *, read_data: bool
     """"valid", "missing" or "invalid: <reason>" for one artifact of one record.
 
     With `read_data=False` only the header is read (shape, dtype, full length): fast enough
-    for readiness filters over millions of records. With it, values must also be finite.
+    for readiness filters over millions of records. With it, the file is opened once and
+    loaded, and its values must also be finite.
     """
     try:
         path = artifact_path(base, kind, record.get("image_id"))
         shape = expected_shape(kind, record)
     except (UnsafeIdError, KeyError, ValueError) as exc:
         return f"invalid: {exc}"
-    if not path.exists():
+    dtype = ARTIFACTS[kind].dtype
+    try:
+        if read_data:
+            with open(path, "rb") as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+            found = (array.shape, array.dtype)
+        else:
+            found = _npy_header(path)
+    except FileNotFoundError:
         return MISSING
-    header = read_npy_header(path)
-    if header is None:
+    except _BAD_NPY:
         return "invalid: unreadable"
-    if header[0] != shape:
-        return f"invalid: shape {header[0]} != {shape}"
-    if header[1] != ARTIFACTS[kind].dtype:
-        return f"invalid: dtype {header[1]} != {ARTIFACTS[kind].dtype}"
-    if read_data:
-        array = load_npy(path)
-        if array is None:
-            return "invalid: unreadable"
-        if not np.isfinite(array).all():
-            return "invalid: non-finite values"
+    if found is None:
+        return "invalid: unreadable"
+    if found[0] != shape:
+        return f"invalid: shape {found[0]} != {shape}"
+    if found[1] != dtype:
+        return f"invalid: dtype {found[1]} != {dtype}"
+    if read_data and not np.isfinite(array).all():
+        return "invalid: non-finite values"
     return VALID
 
 

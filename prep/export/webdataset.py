@@ -732,7 +732,11 @@ def export_webdataset(
 
     atomic_write_text(out / CARD_FILE, render_card(index, store.read_metadata(derived_dir)))
     stats = summary.to_dict()
-    for volatile in ("elapsed_s", "bytes_written", "output_dir", "dry_run"):
+    # Volatile: what this invocation did, not what the export holds (a resumed export must
+    # give the same stats.json as an uninterrupted one).
+    for volatile in (
+        "elapsed_s", "bytes_written", "output_dir", "dry_run", "kept_shards", "new_shards", "removed_stale_shards"
+    ):
         stats.pop(volatile)
     atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # last: marks the export complete
