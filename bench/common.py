@@ -49,7 +49,17 @@ def best_of(fn: Callable[[], object], repeat: int = 1) -> float:
 
 # ------------------------------------------------------------------------------- memory
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB); ru_maxrss is KiB on Linux."""
+    """Peak resident set size of this process image so far (MiB).
+
+    Linux: VmHWM from /proc/self/status, which starts afresh at exec. (ru_maxrss does not: a
+    child forked from a big parent reports the parent's size as its own peak.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     scale = 1 / 1024 / 1024 if sys.platform == "darwin" else 1 / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -135,6 +145,13 @@ class BenchResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, payload: dict) -> BenchResult:
+        fields = dict(payload)
+        fields["rows"] = [Row(**row) for row in fields.get("rows", [])]
+        fields["goals"] = [Goal(**goal) for goal in fields.get("goals", [])]
+        return cls(**fields)
+
 
 def run_guarded(name: str, fn: Callable[[], BenchResult]) -> BenchResult:
     """Run one benchmark; an exception becomes an `error` result instead of stopping `all`."""
@@ -151,8 +168,15 @@ def run_guarded(name: str, fn: Callable[[], BenchResult]) -> BenchResult:
 
 
 # ------------------------------------------------------------------------------ machine
-def machine_info() -> dict:
-    """CPU, cores, memory, accelerator and library versions: the context of every figure."""
+def machine_info(probe_torch: bool = True) -> dict:
+    """CPU, cores, memory, accelerator and library versions: the context of every figure.
+
+    Versions come from package metadata (no imports: importing torch & co. would add ~400 MB
+    to this process, and children forked from it inherit that in ru_maxrss). The accelerator
+    is probed in a short child process when `probe_torch`.
+    """
+    from importlib import metadata
+
     info: dict = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -166,19 +190,20 @@ def machine_info() -> dict:
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:  # pragma: no cover
         pass
-    for module in ("torch", "PIL", "numpy", "datasets", "diffusers", "transformers", "accelerate"):
+    for module, dist in (("torch", "torch"), ("PIL", "pillow"), ("numpy", "numpy"), ("datasets", "datasets"),
+                         ("diffusers", "diffusers"), ("transformers", "transformers"), ("accelerate", "accelerate")):
         try:
-            info[module] = __import__(module).__version__
-        except ImportError:
+            info[module] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             info[module] = None
-    try:
-        import torch
-
-        info["cuda"] = torch.cuda.is_available()
-        info["gpu"] = torch.cuda.get_device_name(0) if info["cuda"] else None
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        info["cuda"] = False
+    if probe_torch:
+        code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'cuda': c, "
+                "'gpu': torch.cuda.get_device_name(0) if c else None, 'torch_threads': torch.get_num_threads()}))")
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            info.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            info["cuda"] = None
     try:
         from PIL import features
 

@@ -1,0 +1,387 @@
+"""pipeline: the whole `run` with tiny models, against a naive serial per-image loop.
+
+Every run is a fresh subprocess, so interpreter start, imports and model loads are paid the
+same way by all contenders:
+
+- naive: the seed scripts' style. One model at a time (T5, then DINOv3, then the VAE); for
+  each image open, preprocess with the same `prep.preprocess` functions, encode that one
+  image, `np.save`. Same models, dtype, passes, buckets and captions as the pipeline.
+- pipeline, 1 process: `prep run` (CLI parser -> RunOptions -> run_job) in one process.
+- pipeline, 2 processes: the same under `accelerate launch --multi_gpu --num_processes 2`.
+
+Captions come from `.txt` sidecars (applied by the pipeline's prepare step, read by the
+naive loop), so the caption pass has no work in either and the compared work is
+T5 + DINOv3 + VAE. Two regimes: 256^2-class buckets (preprocessing dominates) and the
+default 1024^2-class buckets (the tiny VAE dominates). Steady-state figures exclude model
+loading (PassStats.load_seconds / the naive loop's load time); end-to-end figures include
+everything from process start.
+
+This file is also the child entry point (`--child` / `--naive`), run by path so that
+`accelerate launch` can start it.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file by `accelerate launch bench/pipeline_bench.py`
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench import data
+from bench.common import REPO, BenchResult, child_env, peak_rss_mb
+
+THIS = Path(__file__).resolve()
+RUN_SIZES = {
+    True: {"small": {"n_images": 96}, "default": {"n_images": 8}, "repeat": 1},
+    False: {"small": {"n_images": 512}, "default": {"n_images": 64}, "repeat": 2},
+}
+DTYPE = "float32"  # what --dtype auto gives on a CPU
+LAST_LOAD = (0.0, 0.0)  # 1-minute load average before/after the last child run
+
+
+# ------------------------------------------------------------------------------ children
+def child_pipeline(out: Path, run_args: list[str]) -> int:
+    """One rank of `prep run`: parse the CLI flags, run_job, dump RunSummary (per rank) as JSON."""
+    import psutil
+
+    from prep.cli import build_parser, setup_logging
+    from prep.pipeline import RunOptions, run_job
+
+    imported = time.time()
+    args = build_parser().parse_args(["run", *run_args])
+    setup_logging(False)
+    summary = run_job(RunOptions.from_args(args))
+    rank = int(os.environ.get("RANK", "0"))
+    payload = {
+        "rank": rank,
+        "counts": summary.counts,
+        "seconds": summary.seconds,
+        "exit_code": summary.exit_code,
+        "passes": [{**asdict(p), "model_share": p.model_share} for p in summary.passes],
+        "since_process_start": time.time() - psutil.Process().create_time(),
+        "imports_seconds": imported - psutil.Process().create_time(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(payload, indent=2))
+    return summary.exit_code
+
+
+def child_naive(out: Path, images: Path, buckets: str, models: dict[str, str], dtype: str, target: Path) -> int:
+    """The naive serial loop; writes its timings to `out`."""
+    import numpy as np
+    import psutil
+    from PIL import Image
+
+    from prep.buckets import assign_aspect_bucket, parse_bucket, parse_bucket_list
+    from prep.config import IMAGE_EXTENSIONS
+    from prep.encoders.dinov3 import DINOv3Encoder
+    from prep.encoders.t5 import T5Encoder
+    from prep.encoders.vae import VAEEncoder
+    from prep.preprocess import load_bucket_image, open_rgb, to_vae_pixels
+
+    imported = time.time()
+    bucket_list = parse_bucket_list(buckets)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for kind in ("t5", "dinov3", "vae"):
+        (target / kind).mkdir(parents=True, exist_ok=True)
+    load, work = {}, {}
+
+    started = time.perf_counter()
+    t5 = T5Encoder.load(models["t5"], device="cpu", dtype=dtype)
+    load["t5"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in files:
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        hidden, masks, _ = t5.encode([caption])
+        np.save(target / "t5" / f"{path.stem}.npy", hidden[0])
+    work["t5"] = time.perf_counter() - started
+    t5.unload()
+
+    started = time.perf_counter()
+    dino = DINOv3Encoder.load(models["dinov3"], device="cpu", dtype=dtype)
+    load["dinov3"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in files:
+        embedding, _ = dino.encode([open_rgb(path)])
+        np.save(target / "dinov3" / f"{path.stem}.npy", embedding[0])
+    work["dinov3"] = time.perf_counter() - started
+    dino.unload()
+
+    started = time.perf_counter()
+    vae = VAEEncoder.load(models["vae"], device="cpu", dtype=dtype)
+    load["vae"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in files:
+        with Image.open(path) as header:
+            width, height = header.size
+            if int(header.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8):
+                width, height = height, width
+        bucket_w, bucket_h = parse_bucket(assign_aspect_bucket(width, height, bucket_list))
+        pixels = to_vae_pixels(load_bucket_image(path, bucket_w, bucket_h)[None])
+        latents, _ = vae.encode(pixels)
+        np.save(target / "vae" / f"{path.stem}.npy", latents[0])
+    work["vae"] = time.perf_counter() - started
+    vae.unload()
+    payload = {
+        "records": len(files),
+        "load_seconds": load,
+        "pass_seconds": work,
+        "since_process_start": time.time() - psutil.Process().create_time(),
+        "imports_seconds": imported - psutil.Process().create_time(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------ launching
+def model_args(models: dict) -> list[str]:
+    return [
+        "--vae-model", str(models["vae"]),
+        "--t5-model", str(models["t5"]),
+        "--dinov3-model", str(models["dinov3"]),
+        "--caption-model", str(models["captioner"]),
+        "--caption-max-new-tokens", "8",
+    ]
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds of the whole process tree, result)."""
+    global LAST_LOAD
+    load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_LOAD = (load_before, os.getloadavg()[0])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode}:\n"
+                           f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+    return wall, cpu, proc
+
+
+def run_naive(work: Path, images: Path, buckets: str, models: dict) -> dict:
+    out = work / "naive.json"
+    shutil.rmtree(work / "naive", ignore_errors=True)
+    cmd = [sys.executable, str(THIS), "--naive", str(out), "--images", str(images), "--buckets", buckets,
+           "--dtype", DTYPE, "--target", str(work / "naive"),
+           "--models", json.dumps({k: str(v) for k, v in models.items()})]
+    wall, cpu, _ = _timed(cmd, child_env())
+    result = json.loads(out.read_text())
+    result.update(wall=wall, cpu=cpu, loadavg=LAST_LOAD, load=sum(result["load_seconds"].values()),
+                  steady=sum(result["pass_seconds"].values()))
+    return result
+
+
+def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes: int, workers: int,
+                 batch_size: int, threads: int | None = None, pass_: str = "all", dtype: str = DTYPE) -> dict:
+    """A fresh `prep run` (1 process, or 2 ranks under accelerate); per-rank PassStats merged.
+
+    `threads` sets OMP_NUM_THREADS for the ranks (accelerate launch sets 1 per rank itself).
+    """
+    tag = f"p{processes}w{workers}b{batch_size}" + (f"t{threads}" if threads else "")
+    run_dir = work / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    out = run_dir / "summary"
+    run_args = [
+        "--images", str(images), "--manifest", str(run_dir / "manifest.jsonl"),
+        "--output-base-dir", str(run_dir / "derived"), "--buckets", buckets, "--min-free-gb", "0",
+        "--batch-size", str(batch_size), "--num-workers", str(workers), "--dtype", dtype, "--pass", pass_,
+        *model_args(models),
+    ]
+    script = [str(THIS), "--child", str(out), "--", *run_args]
+    if processes == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", *script]
+    wall, cpu, _ = _timed(cmd, child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {})))
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
+    kinds = [p["kind"] for p in ranks[0]["passes"]]
+    per_pass = {}
+    for kind in kinds:
+        stats = [next(p for p in r["passes"] if p["kind"] == kind) for r in ranks]
+        per_pass[kind] = {
+            "records": sum(s["records"] for s in stats),
+            "load": max(s["load_seconds"] for s in stats),
+            "encode": max(s["encode_seconds"] for s in stats),  # ranks run a pass side by side
+            "model": max(s["model_seconds"] for s in stats),
+            "model_share": min((s["model_share"] for s in stats if s["encode_seconds"]), default=0.0),
+        }
+    return {
+        "tag": tag, "processes": processes, "workers": workers, "batch_size": batch_size, "threads": threads,
+        "wall": wall, "cpu": cpu, "loadavg": LAST_LOAD,
+        "job": max(r["seconds"] for r in ranks),
+        "load": sum(p["load"] for p in per_pass.values()),
+        "steady": sum(p["encode"] for p in per_pass.values()),
+        "model": sum(p["model"] for p in per_pass.values()),
+        "passes": per_pass,
+        "counts": ranks[0]["counts"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "run_dir": str(run_dir),
+    }
+
+
+def compare_latents(run_dir: Path, naive_dir: Path) -> float | None:
+    """Mean |pipeline - naive| over all VAE latents (same work => ~0 up to batching noise)."""
+    import numpy as np
+
+    diffs = []
+    for line in (run_dir / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        mine = run_dir / "derived" / "vae_latents" / f"{record['image_id']}.npy"
+        theirs = naive_dir / "vae" / f"{Path(record['image_path']).stem}.npy"
+        if mine.exists() and theirs.exists():
+            a, b = np.load(mine).astype(np.float32), np.load(theirs).astype(np.float32)
+            if a.shape != b.shape:
+                return float("inf")
+            diffs.append(float(np.abs(a - b).mean()))
+    return float(np.mean(diffs)) if diffs else None
+
+
+# ---------------------------------------------------------------------------------- bench
+def _seconds(runs: list[dict]) -> str:
+    return ", ".join(f"{r['steady']:.1f}" for r in runs)
+
+
+def bench_regime(result: BenchResult, label: str, work: Path, images: Path, n: int, buckets: str, models: dict,
+                 configs: list[tuple[int, int, int]], repeat: int = 1) -> dict:
+    """Naive loop, then each (processes, workers, batch) pipeline config; rows into `result`.
+
+    With `repeat` > 1 the naive loop and the last config run again, alternating, and the
+    fastest (steady) run of each is kept: load from other processes only ever slows a run.
+    """
+    naive_runs = [run_naive(work, images, buckets, models)]
+    tried = {config: [run_pipeline(work, images, buckets, models, *config)] for config in configs}
+    for _ in range(repeat - 1):
+        naive_runs.append(run_naive(work, images, buckets, models))
+        tried[configs[-1]].append(run_pipeline(work, images, buckets, models, *configs[-1]))
+    naive = min(naive_runs, key=lambda r: r["steady"])
+    p = f"{label}: "
+    naive_e2e, naive_steady = p + "naive serial loop, end to end", p + "naive serial loop, steady (no model loads)"
+    result.add(naive_e2e, n / naive["wall"], "img/s",
+               note=f"wall {naive['wall']:.1f} s, CPU {naive['cpu']:.1f} s ({naive['cpu'] / naive['wall']:.1f} cores busy), "
+                    f"imports {naive['imports_seconds']:.1f} s; load avg {naive['loadavg'][0]:.1f}->{naive['loadavg'][1]:.1f}")
+    result.add(naive_steady, n / naive["steady"], "img/s",
+               note=f"model loads {naive['load']:.1f} s; per pass "
+                    + ", ".join(f"{k} {v:.1f} s" for k, v in naive["pass_seconds"].items())
+                    + (f"; best of {len(naive_runs)} (steady {_seconds(naive_runs)} s)"
+                       if len(naive_runs) > 1 else ""))
+    runs = []
+    for (processes, workers, batch), attempts in tried.items():
+        run = min(attempts, key=lambda r: r["steady"])
+        runs.append(run)
+        name = f"{processes} proc x {workers} loader workers, batch {batch}"
+        diff = compare_latents(Path(run["run_dir"]), work / "naive")
+        outside = 1 - run["model"] / run["steady"] if run["steady"] else 0.0
+        result.add(p + f"pipeline {name}, end to end", n / run["wall"], "img/s", baseline=naive_e2e,
+                   note=f"wall {run['wall']:.1f} s, job {run['job']:.1f} s, CPU {run['cpu']:.1f} s "
+                        f"({run['cpu'] / run['wall']:.1f} cores busy); "
+                        f"load avg {run['loadavg'][0]:.1f}->{run['loadavg'][1]:.1f}")
+        result.add(
+            p + f"pipeline {name}, steady (no model loads)", n / run["steady"], "img/s", baseline=naive_steady,
+            note=f"model loads {run['load']:.1f} s; outside model {100 * outside:.0f}%; per pass "
+            + ", ".join(f"{k} {v['encode']:.1f} s ({100 * v['model_share']:.0f}% model)"
+                        for k, v in run["passes"].items() if v["records"])
+            + (f"; VAE latents vs naive mean |diff| {diff:.1e}" if diff is not None else "")
+            + (f"; best of {len(attempts)} (steady {_seconds(attempts)} s)"
+               if len(attempts) > 1 else ""),
+        )
+        if run["counts"].get("failed"):
+            result.notes.append(f"{label} {name}: {run['counts']['failed']} records failed")
+    return {"naive": naive, "runs": runs}
+
+
+def run_pipeline_bench(cache: Path, work: Path, *, small_n: int, default_n: int | None,
+                       configs: list[tuple[int, int, int]] | None = None, repeat: int = 2) -> BenchResult:
+    from prep.testing import make_tiny_models
+
+    result = BenchResult("pipeline")
+    models = make_tiny_models(cache / "tiny-models")
+    cores = os.cpu_count() or 1
+    configs = configs or [(1, 2, 8), (2, 1, 8)]
+    result.params = {"dtype": DTYPE, "cores": cores, "regime a) repeat (naive + last config, best of)": repeat, "passes": "t5 + dinov3 + vae (captions from .txt sidecars)",
+                     "configs (procs, loader workers, batch)": configs}
+    regimes = [("a) 256^2 buckets", small_n, data.SMALL_BUCKETS)]
+    if default_n:
+        from prep.buckets import ASPECT_BUCKETS
+
+        regimes.append(("b) 1024^2 buckets", default_n, list(ASPECT_BUCKETS)))
+    load_before = os.getloadavg()[0]
+    figures = {}
+    for label, n, buckets in regimes:
+        infos = data.make_image_folder(cache / f"pipeline-images-n{n}", n)
+        bucket_text = ",".join(f"{w}x{h}" for w, h in buckets)
+        regime_work = work / label.split(")")[0]
+        small = label.startswith("a)")
+        # model-bound regime: also batch 1 (the CPU VAE is slower per image in batches)
+        regime_configs = configs if small else [*configs, (configs[0][0], configs[0][1], 1)]
+        figures[label] = bench_regime(result, label, regime_work, infos[0].path.parent, n, bucket_text, models,
+                                      regime_configs, repeat=repeat if small else 1)
+        result.params[f"{label} images"] = n
+    load_after = os.getloadavg()[0]
+    result.params["load_avg_1m"] = f"{load_before:.1f} -> {load_after:.1f}"
+    busy = max(load_before, load_after) > cores * 0.75
+    caveat = " (machine busy: unreliable)" if busy else ""
+    if busy:
+        result.notes.append(f"The machine was busy (load average {load_before:.1f} -> {load_after:.1f}): "
+                            "wall-clock ratios are disturbed; compare the CPU seconds in the notes.")
+
+    small = figures[regimes[0][0]]
+    best = max(small["runs"], key=lambda r: r["steady"] and 1 / r["steady"])
+    ratio = small["naive"]["steady"] / best["steady"]
+    result.goal(f"a) steady throughput vs naive loop (best config: {best['tag']})", ratio, ">= 1.7" + caveat, ratio >= 1.7)
+    e2e = small["naive"]["wall"] / min(r["wall"] for r in small["runs"])
+    result.goal("a) end-to-end vs naive loop (best config, incl. start + model loads)", e2e, "report", None)
+    if len(regimes) > 1:
+        big = figures[regimes[1][0]]
+        for run in big["runs"]:
+            outside = 1 - run["model"] / run["steady"]
+            ratio = big["naive"]["steady"] / run["steady"]
+            result.goal(f"b) {run['tag']}: steady vs naive / share of encode time outside the model",
+                        ratio, f"report (outside model {100 * outside:.0f}%)", None)
+    result.extra["figures"] = figures
+    return result
+
+
+def run(quick: bool, cache: Path, work: Path) -> BenchResult:
+    sizes = RUN_SIZES[quick]
+    return run_pipeline_bench(cache, work / "pipeline", small_n=sizes["small"]["n_images"],
+                              default_n=sizes["default"]["n_images"], repeat=sizes["repeat"])
+
+
+# ---------------------------------------------------------------------------------- child CLI
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--child":
+        split = argv.index("--")
+        return child_pipeline(Path(argv[1]), argv[split + 1:])
+    parser = argparse.ArgumentParser(description="naive loop child of the pipeline benchmark")
+    parser.add_argument("--naive", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--buckets", required=True)
+    parser.add_argument("--dtype", default=DTYPE)
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--models", required=True)
+    args = parser.parse_args(argv)
+    return child_naive(args.naive, args.images, args.buckets, json.loads(args.models), args.dtype, args.target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Smoke test of the benchmark suite: tiny sizes through the Python entry points; structure, not speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import data
+from bench.__main__ import main as bench_main
+from bench.__main__ import run_export
+from bench.common import BenchResult, run_guarded, write_results
+from bench.gpu_bench import run_gpu_bench
+from bench.preprocess_bench import lean, pipeline, run_preprocess_bench
+from bench.scale_bench import run_scale_bench
+
+REQUIRED_KEYS = {"name", "status", "seconds", "params", "rows", "goals", "notes", "extra"}
+
+
+def check_result(result: BenchResult) -> None:
+    assert result.status == "ok", result.notes
+    assert result.rows
+    for row in result.rows:
+        assert row.value is None or row.value == row.value  # not NaN
+        if row.baseline is not None:
+            assert row.baseline in {r.name for r in result.rows}
+    for goal in result.goals:
+        assert goal.met in (True, False, None)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[list[BenchResult], Path]:
+    cache = tmp_path_factory.mktemp("bench-cache")
+    work = tmp_path_factory.mktemp("bench-work")
+    found = [
+        run_guarded("preprocess", lambda: run_preprocess_bench(4, 1, cache, min_mp=0.05, max_mp=0.2, workers=(1, 2))),
+        run_guarded("scale", lambda: run_scale_bench(cache, work / "scale", records=300, verify_records=12)),
+        run_guarded("gpu", lambda: run_gpu_bench(device="cpu", tiny=True, iters=1,
+                                                 passes=[("vae", 32, 1), ("dinov3", 224, 1), ("t5", 77, 1)])),
+        run_guarded("export", lambda: run_export(True, cache, work, sizes=(8, 16))),
+    ]
+    return found, cache
+
+
+def test_benchmarks_produce_rows_ratios_and_goals(results) -> None:
+    found, _ = results
+    for result in found[:3]:
+        check_result(result)
+    preprocess = found[0]
+    assert any(r.ratio is not None for r in preprocess.rows)
+    assert {g.goal.split(":")[0] for g in preprocess.goals} == {"1024^2 buckets", "256^2 buckets"}
+    assert found[2].extra["measured"] is True
+    assert found[3].status in ("ok", "absent")
+
+
+def test_results_json_and_markdown(results, tmp_path) -> None:
+    found, _ = results
+    json_path, md_path = write_results(tmp_path, found, quick=True, total_seconds=1.0)
+    payload = json.loads(json_path.read_text())
+    assert set(payload) >= {"machine", "quick", "benchmarks", "total_seconds"}
+    assert payload["machine"]["cores"] >= 1
+    assert list(payload["benchmarks"]) == ["preprocess", "scale", "gpu", "export"]
+    for bench in payload["benchmarks"].values():
+        assert set(bench) >= REQUIRED_KEYS
+    text = md_path.read_text()
+    assert text.startswith("# prep benchmarks")
+    assert "Machine:" in text
+    for name in ("preprocess", "scale", "gpu", "export"):
+        assert f"## {name} (" in text
+    assert "| metric | value | unit | ratio | vs | note |" in text
+    assert "| goal | measured | target | met |" in text
+
+
+def test_lean_variant_matches_pipeline_on_rotated_images(results) -> None:
+    _, cache = results
+    infos = data.make_image_folder(cache / "rotated", 6, min_mp=0.05, max_mp=0.1, exif_fraction=1.0, png_fraction=0.0)
+    assert {i.orientation for i in infos} - {None}
+    for info, (w, h) in zip(infos, data.buckets_of(infos, data.SMALL_BUCKETS), strict=True):
+        a, b = pipeline(str(info.path), w, h), lean(str(info.path), w, h)
+        assert a.shape == b.shape == (h, w, 3)
+        assert abs(a.astype(int) - b.astype(int)).mean() < 1.0
+
+
+def test_cli_writes_results(tmp_path, monkeypatch) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the gpu benchmark measures real-size models on a GPU machine")
+    assert bench_main(["gpu", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 0
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["benchmarks"]["gpu"]["extra"]["measured"] is False
+    assert "expected on H100" in (tmp_path / "out" / "results.md").read_text()
