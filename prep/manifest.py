@@ -2,20 +2,27 @@
 
 The manifest is the source of truth. Reading never fails on a bad line: the line is set
 aside with its number and reason, and every rewrite appends it to
-`<manifest>.rejected.jsonl`, so nothing a user wrote is ever lost. Valid records are held
-as compact JSON text in an Arrow column (flat memory at millions of records); the few
-fields the passes filter on are projected into typed columns of the Dataset.
+`<manifest>.rejected.jsonl`, so nothing a user wrote is ever lost.
+
+Valid records are not held in memory: a `Manifest` keeps the file open and the byte
+offset and length of each valid line, and parses a record when it is asked for (the open
+file is a snapshot: a later atomic rewrite replaces the name, not the inode it reads).
+The few fields the passes filter on are projected into typed Arrow columns, which is what
+the `datasets.Dataset` view holds. At 1M records this keeps memory flat and under 1 GB.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 
 from prep.fsio import atomic_open
@@ -83,20 +90,29 @@ PROJECTION_SCHEMA = pa.schema(
 
 @dataclass
 class Manifest:
-    """The valid records of a manifest (as JSON text, in file order) and its rejected lines."""
+    """The valid records of a manifest (by offset into the open file, in file order) and its rejected lines."""
 
     path: Path
-    lines: list[pa.Array] = field(default_factory=list)  # chunks of large_string
     projections: list[pa.RecordBatch] = field(default_factory=list)
     rejected: list[RejectedLine] = field(default_factory=list)
+    spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (offset, length) per record
+    file: BinaryIO | None = None
 
     def __len__(self) -> int:
-        return sum(len(chunk) for chunk in self.lines)
+        return len(self.spans)
+
+    def record(self, row: int) -> dict:
+        """The full record at `row` (its position among the valid records), parsed from the file."""
+        offset, length = self.spans[row]
+        return _parse(os.pread(self.file.fileno(), int(length), int(offset)))
 
     def __iter__(self) -> Iterator[dict]:
-        for chunk in self.lines:
-            for text in chunk.to_pylist():
-                yield json.loads(text)
+        for row in range(len(self.spans)):
+            yield self.record(row)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
     def projections_column(self, name: str) -> list:
         """One projected column (e.g. "image_id") as a Python list, in manifest order."""
@@ -143,6 +159,14 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _decode_line(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
+
+
+def _parse(raw: bytes) -> dict:
+    return json.loads(_decode_line(raw).lstrip("\ufeff"))
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Read a JSONL manifest; a missing file is an empty manifest. Bad lines are set aside."""
     path = Path(path)
@@ -155,43 +179,45 @@ def read_manifest(path: str | Path) -> Manifest:
     # records. A (vanishingly rare) collision only sets a line aside as a duplicate; never lost.
     seen_ids: dict[int, int] = {}
     seen_paths: dict[int, int] = {}
-    texts: list[str] = []
     rows: list[dict] = []
+    spans: list[tuple[int, int]] = []
     count = 0
 
     def flush() -> None:
-        if texts:
-            manifest.lines.append(pa.array(texts, pa.large_string()))
+        if rows:
             manifest.projections.append(pa.RecordBatch.from_pylist(rows, schema=PROJECTION_SCHEMA))
-            texts.clear()
             rows.clear()
 
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a leading BOM is skipped
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                manifest.rejected.append(RejectedLine(lineno, line, f"bad JSON: {exc.msg}"))
-                continue
-            reason = _check_line(obj, seen_ids, seen_paths, lineno)
-            text = dumps_record(obj) if reason is None else ""
-            if reason is None and not _is_utf8(text):
-                reason = "not valid UTF-8"
-            if reason:
-                manifest.rejected.append(RejectedLine(lineno, line, reason))
-                continue
-            seen_paths[hash(obj["image_path"])] = lineno
-            if obj.get("image_id") is not None:
-                seen_ids[hash(obj["image_id"])] = lineno
-            texts.append(text)
-            rows.append({"row": count, **projection(obj)})
-            count += 1
-            if len(texts) >= CHUNK:
-                flush()
+    manifest.file = open(path, "rb")  # noqa: SIM115 - kept open: records are read from it on demand
+    offset = 0
+    for lineno, raw in enumerate(manifest.file, start=1):
+        start, offset = offset, offset + len(raw)
+        line = _decode_line(raw)
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # a leading byte-order mark is not part of the record
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            manifest.rejected.append(RejectedLine(lineno, line, f"bad JSON: {exc.msg}"))
+            continue
+        reason = _check_line(obj, seen_ids, seen_paths, lineno)
+        if reason is None and not _is_utf8(dumps_record(obj)):
+            reason = "not valid UTF-8"
+        if reason:
+            manifest.rejected.append(RejectedLine(lineno, line, reason))
+            continue
+        seen_paths[hash(obj["image_path"])] = lineno
+        if obj.get("image_id") is not None:
+            seen_ids[hash(obj["image_id"])] = lineno
+        spans.append((start, len(raw)))
+        rows.append({"row": count, **projection(obj)})
+        count += 1
+        if len(rows) >= CHUNK:
+            flush()
     flush()
+    manifest.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     for item in manifest.rejected:
         logger.warning("manifest line %d skipped: %s", item.lineno, item.reason)
     return manifest

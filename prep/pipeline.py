@@ -414,6 +414,24 @@ def record_models_used(kind: str, encoder, opts: RunOptions, stamp_base: dict) -
         store.update_metadata(opts.output_base_dir, updates)
 
 
+def lock_manifest(manifest: Path):
+    """Hold `<manifest>.lock` for the run: two jobs on one manifest would race its rewrites.
+
+    An flock is released by the kernel when its holder dies, so a killed run never leaves a
+    stale lock behind; the (empty) lock file itself may stay.
+    """
+    import fcntl
+
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(manifest.with_name(manifest.name + ".lock"), "a")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"another prep run is using {manifest} (its lock {handle.name} is held)") from None
+    return handle
+
+
 def make_state(opts: RunOptions):
     """Accelerate's PartialState; on a machine without CUDA it runs ranks on the CPU (gloo)."""
     import torch
@@ -451,6 +469,7 @@ def run_job(opts: RunOptions) -> RunSummary:
     state = make_state(opts)
     started = time.perf_counter()
     tally = Tally()
+    lock = lock_manifest(opts.manifest) if state.is_main_process else None
     if state.is_main_process:
         prepare_manifest(opts, tally)
     state.wait_for_everyone()
@@ -474,6 +493,8 @@ def run_job(opts: RunOptions) -> RunSummary:
             print_report(report)
             code = 0 if report.ok else 1
     state.wait_for_everyone()
+    if lock is not None:
+        lock.close()
     return RunSummary(counts, passes, time.perf_counter() - started, code)
 
 

@@ -152,7 +152,8 @@ def test_chunked_reading_keeps_order_and_rows(tmp_path, monkeypatch):
     write_lines(path, lines)
     manifest = read_manifest(path)
     assert len(manifest) == 30
-    assert len(manifest.lines) == 5  # 7+7+7+7+2
+    assert len(manifest.projections) == 5  # 7+7+7+7+2
+    assert manifest.record(29)["image_id"] == "img_29" and manifest.record(10)["image_id"] == "img_10"
     assert [r["image_id"] for r in manifest] == [f"img_{i}" for i in range(30)]
     assert manifest.projections_column("row") == list(range(30))
     assert [(item.lineno, item.text) for item in manifest.rejected] == [(11, "garbage")]

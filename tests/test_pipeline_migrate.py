@@ -245,3 +245,17 @@ def test_verbose_logs_each_image(tmp_path: Path, caplog) -> None:
         run_cli("--images", str(images), "--manifest", str(tmp_path / "m.jsonl"), "--output-base-dir",
                 str(tmp_path / "d"), "--pass", "migrate", "--verbose")
     assert any("new a:" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_run_on_a_locked_manifest_is_refused(tmp_path: Path, capsys) -> None:
+    from prep.pipeline import lock_manifest
+
+    m = tmp_path / "m.jsonl"
+    held = lock_manifest(m)
+    try:
+        code = run_cli("--images", str(tmp_path), "--manifest", str(m), "--output-base-dir", str(tmp_path / "d"), "--pass", "migrate")
+        err = capsys.readouterr().err
+        assert code == 2 and "another prep run is using" in err and len(err.strip().splitlines()) == 1
+    finally:
+        held.close()
+    assert run_cli("--images", str(tmp_path), "--manifest", str(m), "--output-base-dir", str(tmp_path / "d"), "--pass", "migrate") == 0

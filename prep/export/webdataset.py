@@ -33,7 +33,6 @@ Memory is flat in the number of samples: only row numbers are held, never payloa
 from __future__ import annotations
 
 import array
-import bisect
 import contextlib
 import hashlib
 import io
@@ -88,16 +87,10 @@ class RecordLookup:
     """Full manifest record by row number (the Dataset's `row` column), parsed on demand."""
 
     def __init__(self, manifest: Manifest):
-        self._chunks = manifest.lines
-        self._starts: list[int] = []
-        start = 0
-        for chunk in self._chunks:
-            self._starts.append(start)
-            start += len(chunk)
+        self._manifest = manifest
 
     def __call__(self, row: int) -> dict:
-        i = bisect.bisect_right(self._starts, row) - 1
-        return json.loads(self._chunks[i][row - self._starts[i]].as_py())
+        return self._manifest.record(row)
 
 
 def shard_relpath(bucket: str, index: int) -> str:

@@ -1,0 +1,716 @@
+"""Fault injection: SIGKILL the job at random moments, resume it, compare with an uninterrupted run.
+
+    python -m bench.faults --trials 20 [--procs 1|2] --out DIR [--seed 0] [--images 24]
+
+One images folder and one tiny-models folder (under DIR) serve the reference and every trial,
+so records (which hold absolute paths) compare equal. The reference is one uninterrupted run
+of `prep/run.py` (all passes) followed by `prep export webdataset --resume`; its stderr is
+timestamped to find when each pass starts, and an injected hook counts the atomic writes
+(manifest rewrites, .npy side files, tar shards, other small files) of each process.
+
+Each trial starts from an empty work dir and is killed once, by one of these scenarios
+(cycled, so every pass, the manifest checkpoint and the export are hit):
+
+- `time:<phase>`: SIGKILL at a seeded uniform moment inside that phase of the reference
+  timeline (startup/scan, caption, t5, dinov3, vae, export);
+- `event:<target>-<stage>`: an injected `prep.fsio.atomic_open` wrapper kills the job at the
+  N-th (seeded, uniform over the reference's count) atomic write of a manifest, a .npy or a
+  shard, either with the complete temp file on disk and not renamed (`pre`) or just after the
+  rename (`post`, e.g. a shard renamed but its done-sidecar not written yet).
+
+With `--procs 2` the job runs under `accelerate launch --multi_gpu --num_processes 2` and the
+victim is, in turn, the whole process group, rank 0, rank 1 or the launcher alone.
+
+Then the same commands are rerun until they succeed, and the trial survives when: the
+manifest has the same records as the reference (and the same bytes), no record is lost or
+duplicated, every side file and every shard / index / card is byte-identical, every .npy is
+complete, no journal, rejected-lines file or `*.prep-tmp` is left, the work dir holds
+exactly the reference's file names, and nothing was written to the sandboxed HOME / caches.
+Prints `N/T survived` and writes DIR/faults-p{procs}.json.
+
+Byte-identity needs identical batch composition (oneDNN picks other kernels for other batch
+sizes, so VAE/T5 outputs can move by one fp16 ulp): the default batch sizes here are 1.
+`--batch-size 2` shows what happens otherwise (mismatches report their max ulp distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKETS = "64x64,64x128,128x64,96x96"
+TMP_MARK = ".prep-tmp"
+PASSES = ("caption", "t5", "dinov3", "vae")
+PHASES = ("startup", *PASSES, "export")
+EVENT_SCENARIOS = (
+    "event:manifest-pre",
+    "event:manifest-post",
+    "event:npy-pre",
+    "event:shard-pre",
+    "event:shard-post",
+)
+SCENARIOS = tuple(f"time:{p}" for p in PHASES) + EVENT_SCENARIOS
+VICTIMS_2 = ("group", "rank0", "rank1", "launcher")
+SETTLE_TIMEOUT = 240.0  # seconds the rest of a job may take to exit after one process is killed
+RUN_TIMEOUT = 600.0
+
+# The hook, installed with PYTHONPATH in every process of the job (also in the reference, in
+# counting mode, so both run in the same environment). It wraps prep.fsio.atomic_open, which
+# every file write of prep goes through, before any module binds it by name.
+SITECUSTOMIZE = r'''
+"""Fault injection for bench/faults.py (generated). PREP_FAULT=target:stage:N, PREP_FAULT_LOG=file."""
+import contextlib
+import os
+import signal
+import threading
+
+_SPEC = os.environ.get("PREP_FAULT", "")
+_LOG = os.environ.get("PREP_FAULT_LOG", "")
+if _SPEC or _LOG:
+    from prep import fsio as _fsio
+
+    _orig = _fsio.atomic_open
+    _target, _stage, _n = (_SPEC.split(":") + ["", "", "0"])[:3] if _SPEC else ("", "", "0")
+    _n = int(_n)
+    _lock = threading.Lock()
+    _count = [0]
+
+    def _kind(path):
+        name = os.path.basename(str(path))
+        if name.endswith(".npy"):
+            return "npy"
+        if name.endswith(".tar"):
+            return "shard"
+        if name == os.environ.get("PREP_FAULT_MANIFEST", "manifest.jsonl"):
+            return "manifest"
+        return "other"
+
+    def _die():
+        if os.environ.get("PREP_FAULT_ACTION", "group") == "group":
+            if "LOCAL_RANK" in os.environ:  # a rank: the launcher and every rank (each in its own session)
+                launcher = os.getppid()
+                for entry in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{entry}/stat") as f:
+                            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                        if ppid == launcher and int(entry) != os.getpid():
+                            os.kill(int(entry), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+                os.kill(launcher, signal.SIGKILL)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def atomic_open(path, mode="wb"):
+        kind = _kind(path)
+        hit = False
+        with _lock:
+            if _LOG:
+                with open(_LOG, "a") as log:
+                    log.write(f"{os.getpid()} {os.environ.get('RANK', '0')} {kind} {os.path.basename(str(path))}\n")
+            if kind == _target and os.environ.get("PREP_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get(
+                "RANK", "0"
+            ):
+                _count[0] += 1
+                hit = _count[0] == _n
+        with _orig(path, mode) as f:
+            yield f
+            if hit and _stage == "pre":
+                f.flush()
+                _die()
+        if hit and _stage == "post":
+            _die()
+
+    _fsio.atomic_open = atomic_open
+'''
+
+
+# ---------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    out: Path
+    images: Path
+    models: dict[str, Path]
+    inject: Path
+    procs: int
+    batch_size: int
+
+
+def extra_image_specs(n_images: int):
+    """The default generated set (14 files, every format and mode) plus plain JPEGs up to n."""
+    from prep.testing import DEFAULT_IMAGE_SPECS, ImageSpec
+
+    specs = list(DEFAULT_IMAGE_SPECS)[:n_images]
+    for i in range(max(0, n_images - len(specs))):
+        specs.append(ImageSpec(f"extra_{i:03d}.jpg", 64 + 16 * (i % 9), 160 - 8 * (i % 11)))
+    return specs
+
+
+def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[str, Path] | None = None) -> Setup:
+    """Tiny models, one generated images folder and the hook, all under `out` (reused when present)."""
+    from prep.testing import make_test_images, make_tiny_models
+
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    if models is None:
+        models = {k: Path(v) for k, v in make_tiny_models(out / "models").items()}
+    images = out / f"images-{n_images}"
+    if not images.is_dir():
+        make_test_images(images.with_suffix(".partial"), extra_image_specs(n_images))
+        os.replace(images.with_suffix(".partial"), images)
+    inject = out / "inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return Setup(out, images, models, inject, procs, batch_size)
+
+
+def run_cmd(s: Setup, work: Path) -> list[str]:
+    args = [
+        str(REPO / "prep" / "run.py"),
+        "--images", str(s.images),
+        "--manifest", str(work / "manifest.jsonl"),
+        "--output-base-dir", str(work / "derived"),
+        "--buckets", BUCKETS,
+        "--min-free-gb", "0",
+        "--batch-size", str(s.batch_size),
+        "--text-batch-size", str(s.batch_size),
+        "--caption-batch-size", str(s.batch_size),
+        "--num-workers", "1",
+        "--checkpoint-every", "3",
+        "--vae-model", str(s.models["vae"]),
+        "--t5-model", str(s.models["t5"]),
+        "--dinov3-model", str(s.models["dinov3"]),
+        "--caption-model", str(s.models["captioner"]),
+        "--caption-max-new-tokens", "12",
+    ]  # fmt: skip
+    if s.procs == 1:
+        return [sys.executable, *args]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(s.procs), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
+
+
+def export_cmd(work: Path) -> list[str]:
+    return [sys.executable, "-m", "prep", "export", "webdataset", "--input-jsonl", str(work / "manifest.jsonl"),
+            "--derived-dir", str(work / "derived"), "--output-dir", str(work / "shards"),
+            "--shard-size", "4", "--shuffle", "--seed", "0", "--resume"]
+
+
+def job_env(s: Setup, root: Path, fault: str = "", action: str = "group") -> dict:
+    """The environment of every command: the hook, offline, HOME and caches sandboxed under `root/home`."""
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    env.update(
+        PYTHONPATH=f"{s.inject}{os.pathsep}{REPO}",
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        HF_HOME=str(home / ".cache" / "huggingface"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PREP_FAULT_LOG=str(root / "logs" / "writes.log"),
+        PREP_FAULT_ACTION=action,
+    )
+    env.pop("PREP_FAULT", None)
+    if fault:
+        env["PREP_FAULT"] = fault
+    return env
+
+
+# -------------------------------------------------------------------------- running
+@dataclass
+class Outcome:
+    rc: int | None
+    seconds: float
+    killed: str = ""  # what was killed ("" = ran to its end)
+    note: str = ""
+    marks: dict[str, float] = field(default_factory=dict)  # phase -> first seen (s)
+
+
+def _processes() -> dict[tuple[int, int], int]:
+    """(pid, start time) -> parent pid of every live (non-zombie) process.
+
+    A process is known by its pid *and* its start time: pids are reused (pid_max may be
+    32768), and a pid seen earlier in a job must never lead to signalling a stranger.
+    """
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            found[(int(entry), int(fields[19]))] = int(fields[1])  # state, ppid, ..., starttime
+    return found
+
+
+def _ppids() -> dict[int, int]:
+    return {pid: ppid for (pid, _), ppid in _processes().items()}
+
+
+def identity(pid: int) -> tuple[int, int] | None:
+    for key in _processes():
+        if key[0] == pid:
+            return key
+    return None
+
+
+def descendants(roots: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Live processes among `roots` ((pid, start time) pairs) and all their live descendants.
+
+    torch's elastic launcher starts each rank in a session of its own, so a process group or
+    session kill of the launcher does not reach the ranks: the job is followed by parentage.
+    """
+    processes = _processes()
+    children: dict[int, list[tuple[int, int]]] = {}
+    for key, ppid in processes.items():
+        children.setdefault(ppid, []).append(key)
+    found, todo = set(), [key for key in roots if key in processes]
+    while todo:
+        key = todo.pop()
+        if key not in found:
+            found.add(key)
+            todo.extend(children.get(key[0], []))
+    return found
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of a rank under the accelerate launcher (a child with RANK=rank in its env)."""
+    for pid, ppid in _ppids().items():
+        if ppid != launcher:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def settle(job: set[tuple[int, int]], timeout: float) -> str:
+    """Wait until no process of the job (and no descendant of one) is left; SIGKILL the rest after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while alive := descendants(job):
+        job |= alive
+        if time.monotonic() > deadline:
+            names = []
+            for pid, _ in alive:
+                with contextlib.suppress(OSError):
+                    names.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return (f"{len(alive)} process(es) still alive {timeout:.0f}s after the launcher ended were SIGKILLed: "
+                    f"{names}")
+        time.sleep(0.1)
+    return ""
+
+
+def kill_victim(proc: subprocess.Popen, victim: str) -> str:
+    """SIGKILL the victim; returns what was killed."""
+    if victim in ("rank0", "rank1"):
+        pid = rank_pid(proc.pid, int(victim[-1]))
+        if pid is None:
+            victim = "group"
+        else:
+            os.kill(pid, signal.SIGKILL)
+            return victim
+    if victim == "launcher":
+        os.kill(proc.pid, signal.SIGKILL)
+        return victim
+    launcher = identity(proc.pid)
+    for pid, _ in descendants({launcher} if launcher else set()):  # the launcher, the ranks, their workers
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return "group" if victim == "group" else f"group (no {victim} process yet)"
+
+
+def landed_phase(marks: dict[str, float], at: float) -> str:
+    """The phase a moment `at` falls in, from the pass marks seen so far."""
+    phase = "startup"
+    for kind in PASSES:
+        if kind in marks and marks[kind] <= at:
+            phase = kind
+    return phase
+
+
+def launch(cmd: list[str], env: dict, log: Path, *, kill_at: tuple[str, float] | None = None,
+           victim: str = "group") -> Outcome:
+    """Run `cmd` in its own session, then wait for every process of the job.
+
+    `kill_at=(phase, delay)`: SIGKILL `victim` `delay` seconds after `phase` starts (after the
+    start for "startup" / "export"; after the pass's "records need work" line for a pass).
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    marks: dict[str, float] = {}
+    with open(log, "ab") as sink:
+        sink.write(f"\n$ {' '.join(cmd)}\n".encode())
+        sink.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.PIPE, start_new_session=True, cwd=REPO)
+
+        def pump() -> None:
+            for line in iter(proc.stderr.readline, b""):
+                sink.write(line)
+                text = line.decode("utf-8", "replace")
+                for kind in PASSES:
+                    if f"prep: {kind}: " in text and "records need work" in text:
+                        marks.setdefault(kind, time.monotonic() - started)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        killed, note = "", ""
+        launcher = identity(proc.pid)
+        job = {launcher} if launcher else set()
+        last_scan = 0.0
+        while proc.poll() is None:
+            now = time.monotonic() - started
+            if now - last_scan > 0.2:
+                job |= descendants(job)
+                last_scan = now
+            if kill_at is not None:
+                phase, delay = kill_at
+                origin = 0.0 if phase in ("startup", "export") else marks.get(phase)
+                if origin is not None and now >= origin + delay:
+                    job |= descendants(job)
+                    killed = kill_victim(proc, victim)
+                    killed += f" at {now:.2f}s during {'export' if phase == 'export' else landed_phase(marks, now)}"
+                    break
+            if now > RUN_TIMEOUT:
+                kill_victim(proc, "group")
+                note = f"timed out after {RUN_TIMEOUT:.0f}s"
+                break
+            time.sleep(0.01)
+        rc = proc.wait()
+        note = note or settle(job, SETTLE_TIMEOUT)
+        reader.join(timeout=10)
+        if rc == -signal.SIGKILL and not killed:
+            killed = "injected"
+    return Outcome(rc, time.monotonic() - started, killed, note, marks)
+
+
+# --------------------------------------------------------------------------- checks
+def manifest_records(work: Path) -> list[dict]:
+    path = work / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def listing(work: Path) -> set[str]:
+    return {p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()}
+
+
+def max_ulp(a: Path, b: Path) -> str:
+    """How far two .npy files are apart, for the report of a mismatch."""
+    import numpy as np
+
+    from prep.store import load_npy
+
+    x, y = load_npy(a), load_npy(b)
+    if x is None or y is None or x.shape != y.shape or x.dtype != y.dtype:
+        return "unreadable or other shape/dtype"
+    if x.dtype == np.float16:
+        ulps = np.abs(x.view(np.int16).astype(np.int64) - y.view(np.int16).astype(np.int64))
+    else:
+        ulps = np.abs(x.view(np.int32).astype(np.int64) - y.view(np.int32).astype(np.int64))
+    return f"max {int(ulps.max())} ulp, {int((ulps > 0).sum())} values differ"
+
+
+def compare(ref: Path, work: Path, home: Path | None = None) -> list[str]:
+    """Every way `work` differs from the reference `ref` (empty list = identical)."""
+    import tarfile
+
+    from prep.store import read_npy_header
+
+    problems: list[str] = []
+    if not (work / "manifest.jsonl").is_file():
+        return ["no manifest"]
+    records, expected = manifest_records(work), manifest_records(ref)
+    ids = [r.get("image_id") for r in records]
+    paths = [r.get("image_path") for r in records]
+    if len(set(ids)) != len(ids) or len(set(paths)) != len(paths):
+        problems.append("duplicated records")
+    lost = {r["image_id"] for r in expected} - set(ids)
+    if lost:
+        problems.append(f"{len(lost)} records lost: {sorted(lost)[:5]}")
+    if records != expected:
+        differing = [r.get("image_id") for r, e in zip(records, expected, strict=False) if r != e]
+        problems.append(f"manifest records differ ({len(records)} vs {len(expected)}; first differing: {differing[:3]})")
+    elif (work / "manifest.jsonl").read_bytes() != (ref / "manifest.jsonl").read_bytes():
+        problems.append("manifest bytes differ (same records: key order)")
+    if (work / "manifest.jsonl.journal").exists():
+        problems.append("journal left behind")
+    have, want = listing(work), listing(ref)
+    temps = sorted(p for p in have if p.endswith(TMP_MARK))
+    if temps:
+        problems.append(f"{len(temps)} temp files left: {temps[:3]}")
+    if have - want - set(temps):
+        problems.append(f"unexpected files: {sorted(have - want - set(temps))[:5]}")
+    if want - have:
+        problems.append(f"missing files: {sorted(want - have)[:5]}")
+    for rel in sorted(have & want):
+        if rel.startswith("shards/.prep-export/"):
+            continue  # resume state: holds side-file mtimes, differs by design
+        a, b = work / rel, ref / rel
+        if rel.endswith(".npy") and read_npy_header(a) is None:
+            problems.append(f"partial or unreadable {rel}")
+        elif a.read_bytes() != b.read_bytes():
+            extra = f" ({max_ulp(a, b)})" if rel.endswith(".npy") else ""
+            problems.append(f"{rel} differs{extra}")
+    keys: list[str] = []
+    for tar_path in sorted((work / "shards").glob("bucket_*/*.tar")):
+        try:
+            with tarfile.open(tar_path) as tar:
+                members = tar.getmembers()
+        except (tarfile.TarError, OSError) as exc:
+            problems.append(f"unreadable shard {tar_path.name}: {exc}")
+            continue
+        names = [m.name for m in members]
+        keys += [n[: -len(".json")] for n in names if n.endswith(".json")]
+        if len(names) != 5 * len([n for n in names if n.endswith(".json")]) or not all(m.isreg() for m in members):
+            problems.append(f"shard {tar_path.name} has incomplete samples")
+    if len(keys) != len(set(keys)) or set(keys) != {r["image_id"] for r in expected}:
+        problems.append(f"shards hold {len(keys)} samples ({len(set(keys))} distinct), expected {len(expected)}")
+    if home is not None and home.is_dir():
+        written = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+        if written:
+            problems.append(f"wrote outside the work dir: {written[:5]}")
+    return problems
+
+
+# --------------------------------------------------------------------------- trials
+@dataclass
+class Reference:
+    work: Path
+    run_seconds: float
+    export_seconds: float
+    marks: dict[str, float]
+    writes: dict[str, int]  # target kind -> count in the busiest process (for event:N)
+    export_writes: dict[str, int]
+    rank_writes: dict[str, dict[str, int]] = field(default_factory=dict)  # rank -> kind -> count
+
+    def phase_length(self, phase: str) -> float:
+        """How long `phase` lasted in the reference (seconds)."""
+        if phase == "export":
+            return self.export_seconds
+        edges = [0.0, *[self.marks.get(p, 0.0) for p in PASSES], self.run_seconds]
+        i = PHASES.index(phase)
+        return max(edges[i + 1] - edges[i], 0.05)
+
+
+def count_writes(log: Path, rank: str | None = None) -> dict[str, int]:
+    """The largest number of atomic writes of each kind made by one process (of `rank`), from the hook's log."""
+    per: dict[tuple[str, str], int] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            pid, line_rank, kind, _ = line.split(" ", 3)
+            if rank is None or line_rank == rank:
+                per[(pid, kind)] = per.get((pid, kind), 0) + 1
+    counts: dict[str, int] = {}
+    for (_, kind), n in per.items():
+        counts[kind] = max(counts.get(kind, 0), n)
+    return counts
+
+
+def make_reference(s: Setup) -> Reference:
+    """One uninterrupted run + export, timed; its phase marks and write counts drive the trials."""
+    root = s.out / f"reference-p{s.procs}"
+    shutil.rmtree(root, ignore_errors=True)
+    work = root / "work"
+    work.mkdir(parents=True)
+    env = job_env(s, root)
+    ran = launch(run_cmd(s, work), env, root / "logs" / "run.log")
+    if ran.rc != 0:
+        raise RuntimeError(f"reference run failed (rc {ran.rc}); see {root / 'logs' / 'run.log'}")
+    run_writes = count_writes(root / "logs" / "writes.log")
+    rank_writes = {str(r): count_writes(root / "logs" / "writes.log", str(r)) for r in range(s.procs)}
+    os.replace(root / "logs" / "writes.log", root / "logs" / "writes-run.log")
+    exported = launch(export_cmd(work), env, root / "logs" / "export.log")
+    if exported.rc != 0:
+        raise RuntimeError(f"reference export failed (rc {exported.rc}); see {root / 'logs' / 'export.log'}")
+    export_writes = count_writes(root / "logs" / "writes.log")
+    return Reference(work, ran.seconds, exported.seconds, ran.marks, run_writes, export_writes, rank_writes)
+
+
+@dataclass
+class TrialResult:
+    index: int
+    scenario: str
+    victim: str
+    plan: str
+    killed: str
+    runs: int
+    exports: int
+    seconds: float
+    problems: list[str]
+    notes: list[str]
+
+    @property
+    def survived(self) -> bool:
+        return not self.problems
+
+
+def run_trial(s: Setup, ref: Reference, index: int, scenario: str, victim: str, rng: random.Random,
+              max_attempts: int = 4) -> TrialResult:
+    root = s.out / f"trials-p{s.procs}" / f"{index:03d}"
+    shutil.rmtree(root, ignore_errors=True)
+    work = root / "work"
+    work.mkdir(parents=True)
+    logs = root / "logs"
+    started = time.monotonic()
+    notes: list[str] = []
+    kind, what = scenario.split(":", 1)
+    in_export = what == "export" or what.startswith("shard")
+    fault, kill_at = "", None
+    if kind == "time":
+        length = ref.phase_length(what)
+        kill_at = (what, rng.uniform(0.0, length))
+        plan = f"kill {victim} {kill_at[1]:.2f}s into {what} (it lasted {length:.1f}s in the reference)"
+    else:
+        target, stage = what.split("-")
+        if victim.startswith("rank") and not ref.rank_writes.get(victim[-1], {}).get(target):
+            victim = "rank0"  # only rank 0 writes the manifest
+        counts = ref.export_writes if in_export else ref.rank_writes.get(victim[-1], {}) if victim.startswith(
+            "rank") else ref.writes
+        total = counts.get(target, 0)
+        n = rng.randint(1, max(1, total))
+        fault = f"{target}:{stage}:{n}"
+        plan = f"die at {target} write {n}/{total} ({'temp complete, not renamed' if stage == 'pre' else 'just renamed'})"
+    action = "self" if victim in ("rank0", "rank1") else "group"
+    killed_env = job_env(s, root, fault, action)
+    if victim in ("rank0", "rank1") and not in_export:
+        killed_env["PREP_FAULT_RANK"] = victim[-1]  # only that rank dies at its N-th write
+    plain_env = job_env(s, root)
+    killed = ""
+    runs = exports = 0
+
+    def until_done(cmd: list[str], first_env: dict | None, first_kill: float | None, log: Path) -> int:
+        nonlocal killed
+        for attempt in range(max_attempts):
+            faulty = attempt == 0 and (first_env is not None or first_kill is not None)
+            outcome = launch(cmd, first_env if faulty and first_env else plain_env, log,
+                             kill_at=first_kill if faulty else None, victim=victim)
+            if faulty:
+                killed = outcome.killed or (
+                    f"injected (the job exited with rc {outcome.rc})" if outcome.rc else
+                    f"nothing (finished in {outcome.seconds:.1f}s)"
+                )
+            if outcome.note:
+                notes.append(outcome.note)
+            if outcome.rc == 0 and not (faulty and outcome.killed):
+                return attempt + 1
+            if not faulty:
+                notes.append(f"a plain rerun failed with rc {outcome.rc} (see {log})")
+        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} did not complete in {max_attempts} attempts")
+
+    problems: list[str] = []
+    try:
+        runs = until_done(run_cmd(s, work), killed_env if fault and not in_export else None,
+                          kill_at if not in_export else None, logs / "run.log")
+        exports = until_done(export_cmd(work), killed_env if fault and in_export else None,
+                             kill_at if in_export else None, logs / "export.log")
+        problems = compare(ref.work, work, root / "home")
+    except RuntimeError as exc:
+        problems = [str(exc)]
+    problems += [n for n in notes if n.startswith("a plain rerun failed")]  # a resume must just work
+    return TrialResult(index, scenario, victim, plan, killed, runs, exports, time.monotonic() - started,
+                       problems, notes)
+
+
+@dataclass
+class FaultReport:
+    procs: int
+    trials: list[TrialResult]
+    reference_seconds: float
+    reference_marks: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def survived(self) -> int:
+        return sum(t.survived for t in self.trials)
+
+    def to_dict(self) -> dict:
+        return {
+            "procs": self.procs,
+            "survived": self.survived,
+            "trials_run": len(self.trials),
+            "reference_seconds": self.reference_seconds,
+            "reference_marks": self.reference_marks,
+            "notes": self.notes,
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+
+def run_faults(out: str | Path, *, trials: int = 20, procs: int = 1, seed: int = 0, n_images: int = 24,
+               batch_size: int = 1, scenarios: tuple[str, ...] = SCENARIOS, models: dict[str, Path] | None = None,
+               verbose: bool = True) -> FaultReport:
+    """The whole experiment (importable): reference, `trials` killed-and-resumed runs, comparison."""
+    s = prepare(Path(out), procs, n_images, batch_size, models)
+    ref = make_reference(s)
+    report = FaultReport(procs, [], ref.run_seconds, ref.marks)
+    if verbose:
+        marks = ", ".join(f"{k} {v:.1f}s" for k, v in ref.marks.items())
+        print(f"reference ({procs} proc): run {ref.run_seconds:.1f}s ({marks}), export {ref.export_seconds:.1f}s; "
+              f"writes {ref.writes}, export writes {ref.export_writes}", flush=True)
+    other = s.out / f"reference-p{3 - procs}" / "work"
+    if procs in (1, 2) and (other / "shards" / "index.json").exists():
+        diff = compare(other, ref.work)
+        report.notes.append(f"reference vs reference-p{3 - procs}: " + ("identical" if not diff else "; ".join(diff[:4])))
+    rng = random.Random(seed)
+    for i in range(trials):
+        scenario = scenarios[i % len(scenarios)]
+        victim = VICTIMS_2[(i // len(scenarios) + i) % len(VICTIMS_2)] if procs > 1 else "group"
+        if scenario.startswith("event:") and victim == "launcher":
+            victim = "group"  # an injected fault dies inside a rank: the group or that rank
+        if scenario == "time:export":
+            victim = "group"  # the export is one plain process
+        result = run_trial(s, ref, i, scenario, victim, rng)
+        report.trials.append(result)
+        if verbose:
+            status = "ok" if result.survived else "FAILED: " + "; ".join(result.problems[:3])
+            extra = f" [{'; '.join(result.notes)}]" if result.notes else ""
+            print(f"trial {i:02d} {scenario:<20} {result.plan}; killed {result.killed}; "
+                  f"{result.runs} run(s) + {result.exports} export(s), {result.seconds:.0f}s: {status}{extra}",
+                  flush=True)
+    (s.out / f"faults-p{procs}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--procs", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=24, help="generated images (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="all three batch sizes (default: %(default)s)")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these scenarios (repeatable)")
+    args = parser.parse_args(argv)
+    report = run_faults(args.out, trials=args.trials, procs=args.procs, seed=args.seed, n_images=args.images,
+                        batch_size=args.batch_size, scenarios=tuple(args.scenario or SCENARIOS))
+    for note in report.notes:
+        print(note)
+    print(f"{report.survived}/{len(report.trials)} survived")
+    return 0 if report.survived == len(report.trials) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
