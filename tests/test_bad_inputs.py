@@ -271,7 +271,7 @@ def test_nothing_is_written_outside_the_output_directory(bad_run) -> None:
         assert rel == "prep_metadata.json" or (
             folder in {s.folder for s in ARTIFACTS.values()} and "/" not in name and name.endswith(".npy")
         ), rel
-    assert files_under(work) == {"manifest.jsonl", "manifest.jsonl.rejected.jsonl"} | {f"derived/{r}" for r in derived}
+    assert files_under(work) == {"manifest.jsonl", "manifest.jsonl.rejected.jsonl", "manifest.jsonl.lock"} | {f"derived/{r}" for r in derived}
     assert not (root / "outside").exists() or not any((root / "outside").iterdir())
     assert not any(p.name.startswith("x.") for p in root.rglob("*"))
     assert not Path("/etc/x.npy").exists() and not (work / "etc").exists() and not (root / "etc").exists()
