@@ -472,3 +472,14 @@ def _save_kwargs(path: Path, spec: ImageSpec) -> dict:
         exif[0x0112] = spec.orientation
         kwargs["exif"] = exif.tobytes()
     return kwargs
+
+
+def model_flags(models: dict[str, Path], caption_max_new_tokens: int = 8) -> list[str]:
+    """`prep run` flags pointing every model at the dirs `make_tiny_models` wrote."""
+    return [
+        "--vae-model", str(models["vae"]),
+        "--t5-model", str(models["t5"]),
+        "--dinov3-model", str(models["dinov3"]),
+        "--caption-model", str(models["captioner"]),
+        "--caption-max-new-tokens", str(caption_max_new_tokens),
+    ]  # fmt: skip

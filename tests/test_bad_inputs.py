@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from prep import preprocess
 from prep.cli import main
 from prep.store import ARTIFACTS, artifact_ok, check_artifact, load_npy, read_npy_header
+from prep.testing import model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
 ORIENTATIONS = range(1, 9)
@@ -91,6 +92,7 @@ def write_object_npy(path: Path, marker: Path) -> None:
 
 
 def model_args(models: dict[str, Path]) -> list[str]:
+    return model_flags(models, caption_max_new_tokens=8)
     return [
         "--vae-model", str(models["vae"]),
         "--t5-model", str(models["t5"]),

@@ -24,6 +24,7 @@ from bench.faults import compare, run_faults
 from prep import fsio, journal, manifest, store
 from prep.cli import main
 from prep.export import webdataset
+from prep.testing import model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
 
@@ -57,11 +58,7 @@ def run_args(work: Path, images: Path, models: dict[str, Path], *extra: str) -> 
         "--text-batch-size", "1",
         "--caption-batch-size", "1",
         "--num-workers", "0",
-        "--vae-model", str(models["vae"]),
-        "--t5-model", str(models["t5"]),
-        "--dinov3-model", str(models["dinov3"]),
-        "--caption-model", str(models["captioner"]),
-        "--caption-max-new-tokens", "8",
+        *model_flags(models),
         *extra,
     ]  # fmt: skip
 

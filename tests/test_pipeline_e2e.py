@@ -17,12 +17,14 @@ import pytest
 from prep import pipeline
 from prep.cli import main
 from prep.store import ARTIFACTS, load_npy
+from prep.testing import model_flags
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKETS = "64x64,64x128,128x64,96x96"
 
 
 def model_args(models: dict[str, Path]) -> list[str]:
+    return model_flags(models, caption_max_new_tokens=12)
     return [
         "--vae-model", str(models["vae"]),
         "--t5-model", str(models["t5"]),

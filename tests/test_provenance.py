@@ -13,7 +13,7 @@ from PIL import Image
 
 from prep import provenance
 from prep.cli import main
-from prep.testing import make_tiny_models
+from prep.testing import make_tiny_models, model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
 
@@ -35,16 +35,7 @@ def job(
         "0",
         "--num-workers",
         "0",
-        "--vae-model",
-        str(vae or models["vae"]),
-        "--t5-model",
-        str(models["t5"]),
-        "--dinov3-model",
-        str(models["dinov3"]),
-        "--caption-model",
-        str(models["captioner"]),
-        "--caption-max-new-tokens",
-        "8",
+        *model_flags({**models, "vae": vae or models["vae"]}),
         *extra,
     ]
 

@@ -17,6 +17,7 @@ from prep.cli import main
 from prep.manifest import read_manifest
 from prep.preprocess import load_bucket_crop, to_vae_pixels
 from prep.store import artifact_path, load_npy, read_metadata
+from prep.testing import model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
 # About 90 tokens with the tiny T5 tokenizer: over the 77-token limit, but not by far.
@@ -24,6 +25,7 @@ NASTY_CAPTION = 'a <b>bold</b> "quoted" caption & <script>alert(1)</script> ' + 
 
 
 def model_args(models: dict[str, Path]) -> list[str]:
+    return model_flags(models, caption_max_new_tokens=12)
     return [
         "--vae-model", str(models["vae"]),
         "--t5-model", str(models["t5"]),
