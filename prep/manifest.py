@@ -114,6 +114,9 @@ class Manifest:
         if self.file is not None:
             self.file.close()
 
+    def __del__(self) -> None:  # no ResourceWarning for a manifest dropped without close()
+        self.close()
+
     def projections_column(self, name: str) -> list:
         """One projected column (e.g. "image_id") as a Python list, in manifest order."""
         return [value for batch in self.projections for value in batch.column(name).to_pylist()]

@@ -11,8 +11,8 @@ Shape of a run (every rank runs this file; `accelerate launch` starts the ranks)
    at a barrier (nobody writes before everybody has filtered), takes its contiguous shard
    and runs a batched `Dataset.map` that encodes and writes side files. Images are decoded
    in DataLoader workers while the model runs; writes go to a thread pool. Record updates
-   (captions, T5 masks) go to the rank's journal; the main rank merges journals into the
-   manifest every `--checkpoint-every` batches and at the end of each pass.
+   (captions, T5 masks, provenance stamps) go to the rank's journal; the main rank merges
+   journals into the manifest every `--checkpoint-every` batches and at the end of each pass.
 
 Resume comes from files on disk (valid side files count as done; journals hold record
 updates), never from the `datasets` cache: every map runs with `load_from_cache_file=False`
