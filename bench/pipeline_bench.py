@@ -148,13 +148,9 @@ def child_naive(out: Path, images: Path, buckets: str, models: dict[str, str], d
 
 # ------------------------------------------------------------------------------ launching
 def model_args(models: dict) -> list[str]:
-    return [
-        "--vae-model", str(models["vae"]),
-        "--t5-model", str(models["t5"]),
-        "--dinov3-model", str(models["dinov3"]),
-        "--caption-model", str(models["captioner"]),
-        "--caption-max-new-tokens", "8",
-    ]
+    from prep.testing import model_flags
+
+    return model_flags(models, caption_max_new_tokens=8)
 
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:

@@ -93,13 +93,6 @@ def write_object_npy(path: Path, marker: Path) -> None:
 
 def model_args(models: dict[str, Path]) -> list[str]:
     return model_flags(models, caption_max_new_tokens=8)
-    return [
-        "--vae-model", str(models["vae"]),
-        "--t5-model", str(models["t5"]),
-        "--dinov3-model", str(models["dinov3"]),
-        "--caption-model", str(models["captioner"]),
-        "--caption-max-new-tokens", "8",
-    ]  # fmt: skip
 
 
 def run_args(work: Path, images: Path | None, models: dict[str, Path], *extra: str) -> list[str]:

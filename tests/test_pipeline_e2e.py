@@ -25,13 +25,6 @@ BUCKETS = "64x64,64x128,128x64,96x96"
 
 def model_args(models: dict[str, Path]) -> list[str]:
     return model_flags(models, caption_max_new_tokens=12)
-    return [
-        "--vae-model", str(models["vae"]),
-        "--t5-model", str(models["t5"]),
-        "--dinov3-model", str(models["dinov3"]),
-        "--caption-model", str(models["captioner"]),
-        "--caption-max-new-tokens", "12",
-    ]
 
 
 def job_args(work: Path, images: Path, models: dict[str, Path], *extra: str) -> list[str]:

@@ -26,13 +26,6 @@ NASTY_CAPTION = 'a <b>bold</b> "quoted" caption & <script>alert(1)</script> ' + 
 
 def model_args(models: dict[str, Path]) -> list[str]:
     return model_flags(models, caption_max_new_tokens=12)
-    return [
-        "--vae-model", str(models["vae"]),
-        "--t5-model", str(models["t5"]),
-        "--dinov3-model", str(models["dinov3"]),
-        "--caption-model", str(models["captioner"]),
-        "--caption-max-new-tokens", "12",
-    ]
 
 
 @pytest.fixture(scope="module")
