@@ -21,7 +21,7 @@ from PIL import Image
 
 from prep.buckets import ASPECT_BUCKETS, Bucket, assign_aspect_bucket, format_bucket, latent_shape
 from prep.config import DINOV3_DIM, FORMAT_VERSION, T5_HIDDEN_DIM, T5_MAX_LENGTH
-from prep.store import ARTIFACTS, artifact_dir
+from prep.store import artifact_dir, file_artifacts
 
 SMALL_BUCKETS: list[Bucket] = [(w // 4, h // 4) for w, h in ASPECT_BUCKETS]  # 256^2-class, multiples of 16
 DATA_VERSION = 1
@@ -185,12 +185,12 @@ def write_side_files(base: str | Path, n: int, *, buckets: list[Bucket] | None =
     if _read_json(marker) == params:
         return 3 * n
     rng = np.random.default_rng(seed)
-    for kind in ARTIFACTS:
+    for kind in file_artifacts():
         artifact_dir(base, kind).mkdir(parents=True, exist_ok=True)
-    dinov3 = rng.standard_normal(DINOV3_DIM).astype(ARTIFACTS["dinov3"].dtype)
-    t5 = rng.standard_normal((T5_MAX_LENGTH, T5_HIDDEN_DIM)).astype(ARTIFACTS["t5"].dtype)
+    dinov3 = rng.standard_normal(DINOV3_DIM).astype(file_artifacts()["dinov3"].dtype)
+    t5 = rng.standard_normal((T5_MAX_LENGTH, T5_HIDDEN_DIM)).astype(file_artifacts()["t5"].dtype)
     latents = {
-        b: rng.standard_normal(latent_shape(format_bucket(*b))).astype(ARTIFACTS["vae"].dtype) for b in buckets
+        b: rng.standard_normal(latent_shape(format_bucket(*b))).astype(file_artifacts()["vae"].dtype) for b in buckets
     }
     for index in range(n):
         image_id = f"img{index:08d}"

@@ -86,10 +86,10 @@ def child_naive(out: Path, images: Path, buckets: str, models: dict[str, str], d
 
     from prep.buckets import assign_aspect_bucket, parse_bucket, parse_bucket_list
     from prep.config import IMAGE_EXTENSIONS
-    from prep.encoders.dinov3 import DINOv3Encoder
-    from prep.encoders.t5 import T5Encoder
-    from prep.encoders.vae import VAEEncoder
     from prep.preprocess import load_bucket_image, open_rgb, to_vae_pixels
+    from prep.stages.dinov3 import DINOv3Encoder
+    from prep.stages.t5 import T5Encoder
+    from prep.stages.vae import VAEEncoder
 
     imported = time.time()
     bucket_list = parse_bucket_list(buckets)

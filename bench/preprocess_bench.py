@@ -324,7 +324,7 @@ def run_preprocess_bench(n_images: int, repeat: int, cache: Path, *, max_mp: flo
                                   ("256^2 buckets", data.SMALL_BUCKETS, True)):
         figures[label] = bench_bucket_class(result, label, infos, buckets, repeat, worker_counts, small)
     if dinov3_processor_dir is not None:
-        from prep.encoders.dinov3 import load_dinov3_processor
+        from prep.stages.dinov3 import load_dinov3_processor
 
         processor = load_dinov3_processor(str(dinov3_processor_dir))
         figures["dinov3_draft_speedup"] = bench_dinov3_transform(result, infos, processor, repeat)

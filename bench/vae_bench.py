@@ -74,7 +74,7 @@ def bare_child(out: Path, vae_dir: Path, n: int, size: int, dtype: str) -> int:
     """VAEEncoder.encode on random pixels, one image at a time (the first call is a warm-up)."""
     import torch
 
-    from prep.encoders.vae import VAEEncoder
+    from prep.stages.vae import VAEEncoder
 
     started = time.perf_counter()
     encoder = VAEEncoder.load(str(vae_dir), device="cpu", dtype=dtype)

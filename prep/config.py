@@ -6,13 +6,12 @@ override) any constant without hunting through the code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 2
 
 DEFAULT_MANIFEST = Path("data/manifest.jsonl")
-DEFAULT_OUTPUT_BASE_DIR = Path("data/derived")
+DEFAULT_DERIVED_DIR = Path("data/derived")
 DEFAULT_SHARDS_DIR = Path("data/shards")
 DEFAULT_MIN_FREE_GB = 20.0
 
@@ -37,22 +36,6 @@ VAE_DOWNSCALE = 8
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-PASSES = ("migrate", "caption", "t5", "dinov3", "vae")
-PASS_CHOICES = ("all", *PASSES)
-
-
-@dataclass
-class ModelConfig:
-    """Which models the encoder passes use and how they run."""
-
-    vae_model: str = VAE_MODEL
-    vae_subfolder: str | None = VAE_SUBFOLDER
-    t5_model: str = T5_MODEL
-    dinov3_model: str = DINOV3_MODEL
-    caption_model: str = CAPTION_MODEL
-    caption_prompt: str = CAPTION_PROMPT
-    caption_max_new_tokens: int = CAPTION_MAX_NEW_TOKENS
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 (never float16: Flux VAE and T5 overflow)
-    trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
+# Caption files beside the images are read up to this size (a caption, not a book).
+MAX_CAPTION_FILE_BYTES = 64 * 1024
+DEFAULT_OUTPUT_BASE_DIR = DEFAULT_DERIVED_DIR  # TODO(merge): the old name, until the export/loading branches land

@@ -94,3 +94,128 @@ def sweep_temp_files(directory: str | Path, prefix: str = "") -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------- reading safely
+class NotARegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a directory: never opened for reading."""
+
+
+_CHUNK = 1 << 20
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """Open `path` for binary reading only if it is a regular file (no FIFO, device or directory).
+
+    A FIFO or `/dev/zero` would block or never end; they are refused before a byte is read.
+    `O_NONBLOCK` makes the open itself return at once even for a FIFO without a writer.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (FIFO, device or socket)"
+            raise NotARegularFile(f"{path} is {kind}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped_text(path: str | Path, max_bytes: int) -> str:
+    """A small UTF-8 text file (a caption), refusing files over `max_bytes` or not regular."""
+    with open_regular(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes} bytes")
+    return data.decode("utf-8")
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a regular file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_regular(path) as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- locks
+_HELD_LOCKS: list = []  # FileLock objects this process holds (closed in forked children)
+
+
+class LockedError(RuntimeError):
+    """Another job holds the lock."""
+
+
+def acquire_lock(path: str | Path, what: str):
+    """Take an exclusive lock file (portable `filelock`); LockedError names `what` when it is held.
+
+    The lock is released by the operating system when its holder dies. Children forked from
+    this process (DataLoader workers) close their copy with `forget_inherited_locks`, so an
+    orphaned worker can never keep a dead job's lock.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"another prep job is using {what} (lock {path} is held)") from None
+    _HELD_LOCKS.append(lock)
+    return lock
+
+
+def release_lock(lock) -> None:
+    with contextlib.suppress(ValueError):
+        _HELD_LOCKS.remove(lock)
+    lock.release(force=True)
+
+
+def forget_inherited_locks() -> None:
+    """In a forked child: close the inherited lock descriptors (the parent keeps its lock)."""
+    for lock in _HELD_LOCKS:
+        fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (no orphans).
+
+    Elsewhere this is a no-op; torch's DataLoader workers also watch their parent themselves.
+    """
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+_FORKING_PID = os.getpid()
+
+
+def before_fork() -> None:
+    """Call in the parent before starting workers, so a child can tell its parent is gone."""
+    global _FORKING_PID
+    _FORKING_PID = os.getpid()
+
+
+def worker_init(_worker_id: int = 0) -> None:
+    """`worker_init_fn` of every DataLoader: die with the parent, hold no inherited lock."""
+    die_with_parent()
+    forget_inherited_locks()
+    if os.getppid() != _FORKING_PID:  # the parent died before the death signal was armed
+        os._exit(1)

@@ -10,11 +10,12 @@ merges whatever the journals hold before doing anything else. Merging is idempot
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+
+import orjson
 
 
 def journal_dir(manifest_path: str | Path) -> Path:
@@ -34,12 +35,12 @@ class Journal:
 
     def append(self, updates: Iterable[dict]) -> None:
         """Append updates (each with an `image_id`) and make them durable before returning."""
-        lines = "".join(json.dumps(u, ensure_ascii=False, separators=(",", ":")) + "\n" for u in updates)
+        lines = b"".join(orjson.dumps(u) + b"\n" for u in updates)
         if not lines:
             return
         with self._lock:
             if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across batches
+                self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
             self._file.write(lines)
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -61,13 +62,13 @@ def read_updates(manifest_path: str | Path) -> dict[str, dict]:
     if not directory.is_dir():
         return merged
     for path in sorted(directory.glob("rank-*.jsonl")):
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     break
                 try:
-                    update = json.loads(line)
-                except ValueError:
+                    update = orjson.loads(line)
+                except orjson.JSONDecodeError:
                     continue
                 image_id = update.pop("image_id", None) if isinstance(update, dict) else None
                 if isinstance(image_id, str):
@@ -89,41 +90,55 @@ def clear(manifest_path: str | Path) -> None:
 def apply_update(record: dict, update: dict) -> bool:
     """Apply one journaled update to a record in place; True if anything changed.
 
-    A key `provenance.<kind>` sets one entry of the record's `provenance` dict, so passes
-    running on different ranks never overwrite each other's stamps.
+    A key `provenance.<kind>` sets one entry of the record's `provenance` dict (so passes on
+    different ranks never overwrite each other's stamps); `provenance.<kind>.<field>` sets one
+    field of that stamp (a refreshed file stamp).
     """
     changed = False
     for key, value in update.items():
         target, name = record, key
         if key.startswith("provenance."):
-            name = key.split(".", 1)[1]
+            parts = key.split(".", 2)
             if not isinstance(record.get("provenance"), dict):
                 record["provenance"] = {}
-            target = record["provenance"]
+            target, name = record["provenance"], parts[1]
+            if len(parts) == 3:
+                if not isinstance(target.get(name), dict):
+                    continue  # no stamp to refresh
+                target, name = target[name], parts[2]
         if name not in target or target[name] != value:
             target[name] = value
             changed = True
     return changed
 
 
-def merge_into_manifest(manifest_path: str | Path) -> int:
-    """Checkpoint: fold the journals into the manifest (one atomic rewrite); returns records changed.
+def merge_into_manifest(manifest_path: str | Path, manifest=None):
+    """Checkpoint: fold the journals into the manifest (one streaming rewrite); returns the
+    manifest as it now is (the same object when nothing changed).
 
-    The journals are kept: other ranks may still be appending. They are cleared only once
-    every rank is done (`clear`).
+    Untouched lines are copied as bytes; only records with updates are parsed and written
+    again. The journals are kept: other ranks may still be appending. They are cleared only
+    once every rank is done (`clear`).
     """
-    from prep.manifest import read_manifest, write_manifest
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    from prep.manifest import read_manifest, rewrite
+
+    if manifest is None:
+        manifest = read_manifest(manifest_path)
     updates = read_updates(manifest_path)
     if not updates:
-        return 0
-    manifest = read_manifest(manifest_path)
-    records = list(manifest)
-    changed = 0
-    for record in records:
-        update = updates.get(record.get("image_id"))
-        if update and apply_update(record, update):
-            changed += 1
-    if changed:
-        write_manifest(manifest_path, records, manifest.rejected)
-    return changed
+        return manifest
+    ids = list(updates)
+    rows = pc.index_in(pa.array(ids, pa.string()), value_set=manifest.table.column("image_id").cast(pa.string()))
+    changed = {}
+    for image_id, row in zip(ids, rows.to_pylist(), strict=True):
+        if row is None:
+            continue
+        record = manifest.record(row)
+        if apply_update(record, updates[image_id]):
+            changed[row] = record
+    if not changed:
+        return manifest
+    return rewrite(manifest, changed)

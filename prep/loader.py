@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from prep.fsio import before_fork, worker_init
 from prep.preprocess import ImageDecodeError
 from prep.provenance import refresh_fingerprint
 
@@ -66,6 +67,7 @@ def make_loader(
 ) -> DataLoader:
     """An ordered DataLoader whose batches line up with the pass's `Dataset.map` batches."""
     workers = max(0, num_workers)
+    before_fork()
     return DataLoader(
         ImageRows(image_ids, paths, transform, fingerprints),
         batch_size=batch_size,
@@ -75,4 +77,5 @@ def make_loader(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=worker_init if workers else None,
     )

@@ -1,28 +1,38 @@
-"""The JSONL manifest: read (tolerating bad lines), view as a `datasets.Dataset`, rewrite atomically.
+"""The JSONL manifest: read (tolerating bad lines), view as a `datasets.Dataset`, rewrite by streaming.
 
-The manifest is the source of truth. Reading never fails on a bad line: the line is set
-aside with its number and reason, and every rewrite appends it to
-`<manifest>.rejected.jsonl`, so nothing a user wrote is ever lost.
+The manifest is the source of truth: one JSON object per line, readable by people and by
+`datasets.load_dataset("json")`. Reading never fails on a bad line: the line is set aside with
+its number and reason, and every rewrite appends it to `<manifest>.rejected.jsonl`, so nothing
+a user wrote is ever lost.
 
-Valid records are not held in memory: a `Manifest` keeps the file open and the byte
-offset and length of each valid line, and parses a record when it is asked for (the open
-file is a snapshot: a later atomic rewrite replaces the name, not the inode it reads).
-The few fields the passes filter on are projected into typed Arrow columns, which is what
-the `datasets.Dataset` view holds. At 1M records this keeps memory flat and under 1 GB.
+Scale (millions of records, eight ranks per node):
+- records are parsed with orjson once, into a typed Arrow *projection* of the few fields the
+  passes decide on (ids, paths, sizes, buckets, fingerprints, and per stage the provenance
+  stamp's configuration, input hash and file stamp); full records stay in the file and are
+  parsed again only when asked for (`record(row)`, through a memory map);
+- the projection is cached beside the manifest (`<manifest>.cache.arrow`, keyed by the
+  manifest's size, mtime and inode) and memory-mapped, so every rank of a node shares one copy
+  and a run with nothing to do does not parse the JSON at all;
+- a rewrite streams: untouched lines are copied as bytes, only changed records are
+  serialised again, and the new projection is spliced rather than rebuilt.
+A manifest reached through a symlink is read, locked and rewritten at its target.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import logging
+import mmap
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from prep.fsio import atomic_open
@@ -30,9 +40,14 @@ from prep.records import has_caption, is_safe_id, is_valid_mask, needs_migration
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 50_000
+CACHE_VERSION = 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 64
+_LONG_INT = re.compile(rb"(?<![\w.])-?[0-9]{19,}")
+_BOM = b"\xef\xbb\xbf"
 
 
+# ------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
 class RejectedLine:
     """A manifest line that could not be used, kept verbatim with where it was and why."""
@@ -42,100 +57,76 @@ class RejectedLine:
     reason: str
 
     def to_json(self) -> str:
+        import json  # the stdlib escapes the surrogates that stand for undecodable bytes
+
         return json.dumps({"line": self.lineno, "reason": self.reason, "text": self.text})
 
 
 def dumps_record(record: dict) -> str:
     """One compact JSON line (UTF-8 kept readable)."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(record).decode("utf-8")
 
 
-def projection(record: dict) -> dict:
-    """The typed fields the passes filter on (the rest stays in the JSON text)."""
-    def _int(value):
-        return value if type(value) is int else None
-
-    return {
-        "image_id": record.get("image_id") if isinstance(record.get("image_id"), str) else None,
-        "image_path": record["image_path"],
-        "caption": record.get("caption") if has_caption(record) else None,
-        "mask_ok": is_valid_mask(record.get("t5_attention_mask")),
-        "aspect_bucket": record.get("aspect_bucket") if isinstance(record.get("aspect_bucket"), str) else None,
-        "width": _int(record.get("width")),
-        "height": _int(record.get("height")),
-        "needs_migration": needs_migration(record),
-        "provenance": dumps_record(record["provenance"]) if isinstance(record.get("provenance"), dict) else None,
-        "image_fingerprint": dumps_record(record["image_fingerprint"])
-        if isinstance(record.get("image_fingerprint"), dict)
-        else None,
-    }
+def _depth(value, limit: int) -> int:
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
-PROJECTION_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("image_id", pa.string()),
-        ("image_path", pa.string()),
-        ("caption", pa.string()),
-        ("mask_ok", pa.bool_()),
-        ("aspect_bucket", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("needs_migration", pa.bool_()),
-        ("provenance", pa.string()),  # JSON text of the record's provenance (or null)
-        ("image_fingerprint", pa.string()),  # JSON text {size, mtime_ns, sha256} (or null)
-    ]
-)
+def _ints_out_of_range(value) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int) and not INT64_MIN <= item <= INT64_MAX:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
-@dataclass
-class Manifest:
-    """The valid records of a manifest (by offset into the open file, in file order) and its rejected lines."""
+def parse_line(raw: bytes) -> object:
+    """One manifest line -> a JSON value; ValueError with a one-line reason for anything unusable.
 
-    path: Path
-    projections: list[pa.RecordBatch] = field(default_factory=list)
-    rejected: list[RejectedLine] = field(default_factory=list)
-    spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (offset, length) per record
-    file: BinaryIO | None = None
+    orjson would turn integers beyond 64 bits into floats (a silent rewrite of the user's
+    value) and the standard parser refuses more than 4300 digits: such lines are rejected.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        text = str(exc)
+        if "UTF-8" in text or "surrogate" in text:
+            raise ValueError("not valid UTF-8") from None
+        raise ValueError(f"bad JSON: {text.split(':')[0]}") from None
+    if _LONG_INT.search(raw):
+        import json
 
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def record(self, row: int) -> dict:
-        """The full record at `row` (its position among the valid records), parsed from the file."""
-        offset, length = self.spans[row]
-        return _parse(os.pread(self.file.fileno(), int(length), int(offset)))
-
-    def __iter__(self) -> Iterator[dict]:
-        for row in range(len(self.spans)):
-            yield self.record(row)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-    def __del__(self) -> None:  # no ResourceWarning for a manifest dropped without close()
-        self.close()
-
-    def projections_column(self, name: str) -> list:
-        """One projected column (e.g. "image_id") as a Python list, in manifest order."""
-        return [value for batch in self.projections for value in batch.column(name).to_pylist()]
-
-    def to_dataset(self):
-        """The projected columns plus `row` (position in the manifest) as an in-memory `Dataset`."""
-        from datasets import Dataset
-
-        if self.projections:
-            table = pa.Table.from_batches(self.projections, schema=PROJECTION_SCHEMA)
-        else:
-            table = PROJECTION_SCHEMA.empty_table()
-        # An explicit fingerprint: otherwise `datasets` pickles the whole table to hash it
-        # (0.7 s and +350 MB peak at 1M records), and these in-memory views are never cached.
-        return Dataset(table, fingerprint=f"manifest-{uuid.uuid4().hex}")
+        try:
+            exact = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"bad JSON: {str(exc).splitlines()[0][:120]}") from None
+        if _ints_out_of_range(exact):
+            raise ValueError("an integer does not fit in 64 bits")
+        obj = exact
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj, MAX_DEPTH) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return obj
 
 
-def _check_line(obj: object, seen_ids: dict, seen_paths: dict, lineno: int) -> str | None:
-    """Why a parsed line cannot be used as a record, or None."""
+def check_record_line(obj: object) -> str | None:
+    """Why a parsed line cannot be a record (duplicates are found later, over the whole file)."""
     if not isinstance(obj, dict):
         return "not a JSON object"
     path = obj.get("image_path")
@@ -145,87 +136,404 @@ def _check_line(obj: object, seen_ids: dict, seen_paths: dict, lineno: int) -> s
         return "image_path contains NUL"
     if "image_id" in obj and not is_safe_id(obj["image_id"]):
         return f"unsafe image_id {str(obj['image_id'])[:120]!r}"
-    if hash(path) in seen_paths:
-        return f"duplicate image_path (first at line {seen_paths[hash(path)]})"
-    image_id = obj.get("image_id")
-    if image_id is not None and hash(image_id) in seen_ids:
-        return f"duplicate image_id {image_id} (first at line {seen_ids[hash(image_id)]})"
     return None
 
 
-def _is_utf8(text: str) -> bool:
-    """Arrow strings are UTF-8: raw non-UTF-8 bytes (read surrogate-escaped) or a lone \\ud800 escape are not."""
+# --------------------------------------------------------------------------- projection
+def hash64(text: str | None) -> int | None:
+    """A hex digest (or any string) as a signed 64-bit int: enough to notice that it changed."""
+    if not isinstance(text, str) or not text:
+        return None
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        value = int(text[:16], 16) if len(text) >= 16 else None
+    except ValueError:
+        value = None
+    if value is None:
+        return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _decode_line(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
+def _int(value) -> int | None:
+    return value if type(value) is int and INT64_MIN <= value <= INT64_MAX else None
 
 
-def _parse(raw: bytes) -> dict:
-    return json.loads(_decode_line(raw).lstrip("\ufeff"))
+def _str(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
-def read_manifest(path: str | Path) -> Manifest:
+def stage_columns() -> list[tuple[str, pa.DataType, object]]:
+    """(column, type, getter(stamp)) for the provenance stamps of every registered stage."""
+    from prep import stages
+
+    columns = []
+    for name, stage in stages.STAGES.items():
+        prefix = f"{name}__"
+        columns += [
+            (prefix + "config", pa.string(), lambda s: _config_key(s)),
+            (prefix + "format", pa.int64(), lambda s: _int(s.get("format"))),
+            (prefix + "origin", pa.string(), lambda s: _str(s.get("origin"))),
+            (prefix + "input", pa.int64(), lambda s: hash64(s.get("caption_sha256") or s.get("image_sha256"))),
+            (prefix + "file_size", pa.int64(), lambda s: _int((s.get("file") or {}).get("size"))),
+            (prefix + "file_mtime", pa.int64(), lambda s: _int((s.get("file") or {}).get("mtime_ns"))),
+        ]
+        if stage.artifact is not None:
+            columns.append((prefix + "file_sha", pa.int64(), lambda s: hash64((s.get("file") or {}).get("sha256"))))
+        if stage.by_bucket:
+            columns.append((prefix + "bucket", pa.string(), lambda s: _str(s.get("bucket"))))
+        if stage.artifact is None:
+            columns += [
+                (prefix + "source", pa.string(), lambda s: _str(s.get("source"))),
+                (prefix + "text", pa.int64(), lambda s: hash64(s.get("text_sha256"))),
+            ]
+    return columns
+
+
+def _config_key(stamp: dict) -> str | None:
+    from prep.provenance import config_of
+
+    config = config_of(stamp)
+    return orjson.dumps(config, option=orjson.OPT_SORT_KEYS).decode() if config else None
+
+
+def _fp(record: dict) -> dict:
+    fp = record.get("image_fingerprint")
+    return fp if isinstance(fp, dict) else {}
+
+
+BASE_COLUMNS: list[tuple[str, pa.DataType, object]] = [
+    ("image_id", pa.string(), lambda r: _str(r.get("image_id"))),
+    ("image_path", pa.string(), lambda r: r["image_path"]),
+    ("caption", pa.string(), lambda r: r["caption"] if has_caption(r) else None),
+    ("caption_hash", pa.int64(), lambda r: hash64(_caption_sha(r))),
+    ("mask_ok", pa.bool_(), lambda r: is_valid_mask(r.get("t5_attention_mask"))),
+    ("width", pa.int64(), lambda r: _int(r.get("width"))),
+    ("height", pa.int64(), lambda r: _int(r.get("height"))),
+    ("aspect_bucket", pa.string(), lambda r: _str(r.get("aspect_bucket"))),
+    ("needs_migration", pa.bool_(), needs_migration),
+    ("has_provenance", pa.bool_(), lambda r: isinstance(r.get("provenance"), dict)),
+    ("filtered", pa.string(), lambda r: _str((r.get("filtered") or {}).get("reason")) if isinstance(r.get("filtered"), dict) else None),
+    ("fp_size", pa.int64(), lambda r: _int(_fp(r).get("size"))),
+    ("fp_mtime", pa.int64(), lambda r: _int(_fp(r).get("mtime_ns"))),
+    ("fp_sha", pa.int64(), lambda r: hash64(_fp(r).get("sha256"))),
+    ("fp_sha256", pa.string(), lambda r: _str(_fp(r).get("sha256"))),
+]
+DICTIONARY_COLUMNS = ("aspect_bucket", "filtered")
+
+
+def _caption_sha(record: dict) -> str | None:
+    caption = record.get("caption")
+    return hashlib.sha256(caption.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(caption, str) else None
+
+
+class _Projector:
+    """Accumulates the projection of records column by column (cheap appends, one Arrow build)."""
+
+    def __init__(self) -> None:
+        self.base = BASE_COLUMNS
+        self.stamps = stage_columns()
+        self.stage_names = sorted({name.split("__")[0] for name, _, _ in self.stamps})
+        self.values: list[list] = [[] for _ in range(2 + len(self.base) + len(self.stamps))]
+
+    @property
+    def names(self) -> list[str]:
+        return ["offset", "length", *(n for n, _, _ in self.base), *(n for n, _, _ in self.stamps)]
+
+    @property
+    def types(self) -> list[pa.DataType]:
+        return [pa.int64(), pa.int64(), *(t for _, t, _ in self.base), *(t for _, t, _ in self.stamps)]
+
+    def add(self, record: dict, offset: int, length: int) -> None:
+        values = self.values
+        values[0].append(offset)
+        values[1].append(length)
+        i = 2
+        for _, _, get in self.base:
+            values[i].append(get(record))
+            i += 1
+        provenance = record.get("provenance") if isinstance(record.get("provenance"), dict) else {}
+        for name, _, get in self.stamps:
+            stamp = provenance.get(name.split("__", 1)[0])
+            values[i].append(get(stamp) if isinstance(stamp, dict) else None)
+            i += 1
+
+    def table(self) -> pa.Table:
+        arrays = []
+        for name, kind, values in zip(self.names, self.types, self.values, strict=True):
+            array = pa.array(values, type=kind)
+            if name in DICTIONARY_COLUMNS or name.endswith(("__config", "__origin", "__bucket", "__source")):
+                array = array.dictionary_encode()
+            arrays.append(array)
+        return pa.Table.from_arrays(arrays, names=self.names)
+
+
+def projection_names() -> list[str]:
+    """Columns of `Manifest.to_dataset()`: `row` (position in the manifest), then the projection."""
+    return ["row", *_Projector().names]
+
+
+def project(records: Iterable[tuple[dict, int, int]]) -> pa.Table:
+    """The projection table of (record, offset, length) triples."""
+    projector = _Projector()
+    for record, offset, length in records:
+        projector.add(record, offset, length)
+    return projector.table()
+
+
+# ----------------------------------------------------------------------------- manifest
+@dataclass
+class Manifest:
+    """The valid records of a manifest (projected, in file order) and its rejected lines."""
+
+    path: Path
+    table: pa.Table = field(default_factory=lambda: project([]))
+    rejected: list[RejectedLine] = field(default_factory=list)
+    _data: object = None  # mmap (or bytes) of the file the table's offsets point into
+    _spans: np.ndarray | None = None
+    cache_path: Path | None = None  # the Arrow file behind `table` when it is memory-mapped
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def spans(self) -> np.ndarray:
+        """(offset, length) of every record's line, as an (n, 2) int64 array."""
+        if self._spans is None:
+            self._spans = np.stack(
+                [self.table.column("offset").to_numpy(), self.table.column("length").to_numpy()], axis=1
+            ).astype(np.int64).reshape(-1, 2)
+        return self._spans
+
+    def raw(self, row: int) -> bytes:
+        offset, length = self.spans[row]
+        return bytes(self._data[int(offset) : int(offset + length)])
+
+    def record(self, row: int) -> dict:
+        """The full record at `row` (its position among the valid records), parsed from the file."""
+        return orjson.loads(self.raw(row).rstrip(b"\r\n").removeprefix(_BOM))
+
+    def __iter__(self) -> Iterator[dict]:
+        for row in range(len(self)):
+            yield self.record(row)
+
+    def records(self, rows: Iterable[int]) -> Iterator[tuple[int, dict]]:
+        for row in rows:
+            yield int(row), self.record(int(row))
+
+    def column(self, name: str) -> list:
+        """One projected column as a Python list, in manifest order (fine for thousands; use `table` at scale)."""
+        return self.table.column(name).to_pylist()
+
+    projections_column = column
+
+    def __getstate__(self) -> dict:
+        """Picklable for worker processes: the file is mapped again on the other side."""
+        state = dict(self.__dict__)
+        state["_data"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.path.exists() and len(self):
+            self._data = _map(self.path)
+
+    def close(self) -> None:
+        data, self._data = self._data, None
+        if isinstance(data, mmap.mmap):
+            with contextlib.suppress(BufferError, ValueError):
+                data.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def to_dataset(self):
+        """The projection as a `datasets.Dataset` (memory-mapped when the cache is current).
+
+        An explicit fingerprint: otherwise `datasets` hashes the whole table, and these views
+        are never cached (side-effecting maps must not replay)."""
+        from datasets import Dataset
+
+        table = self.table.add_column(0, "row", pa.array(np.arange(len(self), dtype=np.int64)))
+        return Dataset(table, fingerprint=f"manifest-{uuid.uuid4().hex}")
+
+
+def resolve_manifest_path(path: str | Path) -> Path:
+    """The file a manifest path really names (a symlink is followed, so its target is rewritten)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def cache_file(path: Path) -> Path:
+    return path.with_name(path.name + ".cache.arrow")
+
+
+def _cache_key(path: Path, stat: os.stat_result) -> dict[bytes, bytes]:
+    """What the cache must match: the manifest's size, mtime and a hash of its first and last MiB
+    (no inode: a copy that keeps times, `cp -a` or `rsync -a`, keeps its cache), and the stages."""
+    from prep import stages
+
+    sample = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        sample.update(f.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            f.seek(stat.st_size - (1 << 20))
+            sample.update(f.read(1 << 20))
+    signature = ",".join(f"{name}:{stage.by_bucket}:{stage.artifact is not None}" for name, stage in stages.STAGES.items())
+    key = f"{CACHE_VERSION}|{stat.st_size}|{stat.st_mtime_ns}|{sample.hexdigest()}|{signature}"
+    return {b"prep.manifest": key.encode()}
+
+
+def _map(path: Path):
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def read_manifest(path: str | Path, *, use_cache: bool = True) -> Manifest:
     """Read a JSONL manifest; a missing file is an empty manifest. Bad lines are set aside."""
-    path = Path(path)
-    manifest = Manifest(path=path)
+    path = resolve_manifest_path(path)
     if not path.exists():
-        return manifest
+        return Manifest(path=path)
     if path.is_dir():
         raise IsADirectoryError(f"manifest {path} is a directory")
-    # Keyed by the strings' 64-bit hashes, not the strings: a third of the memory at 1M
-    # records. A (vanishingly rare) collision only sets a line aside as a duplicate; never lost.
-    seen_ids: dict[int, int] = {}
-    seen_paths: dict[int, int] = {}
-    rows: list[dict] = []
-    spans: list[tuple[int, int]] = []
-    count = 0
-
-    def flush() -> None:
-        if rows:
-            manifest.projections.append(pa.RecordBatch.from_pylist(rows, schema=PROJECTION_SCHEMA))
-            rows.clear()
-
-    manifest.file = open(path, "rb")  # noqa: SIM115 - kept open: records are read from it on demand
-    offset = 0
-    for lineno, raw in enumerate(manifest.file, start=1):
-        start, offset = offset, offset + len(raw)
-        line = _decode_line(raw)
-        if lineno == 1:
-            line = line.lstrip("\ufeff")  # a leading byte-order mark is not part of the record
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            manifest.rejected.append(RejectedLine(lineno, line, f"bad JSON: {exc.msg}"))
-            continue
-        reason = _check_line(obj, seen_ids, seen_paths, lineno)
-        if reason is None and not _is_utf8(dumps_record(obj)):
-            reason = "not valid UTF-8"
-        if reason:
-            manifest.rejected.append(RejectedLine(lineno, line, reason))
-            continue
-        seen_paths[hash(obj["image_path"])] = lineno
-        if obj.get("image_id") is not None:
-            seen_ids[hash(obj["image_id"])] = lineno
-        spans.append((start, len(raw)))
-        rows.append({"row": count, **projection(obj)})
-        count += 1
-        if len(rows) >= CHUNK:
-            flush()
-    flush()
-    manifest.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    for item in manifest.rejected:
-        logger.warning("manifest line %d skipped: %s", item.lineno, item.reason)
+    stat = os.stat(path)
+    key = _cache_key(path, stat)
+    data = _map(path)
+    if use_cache:
+        cached = _load_cache(path, key)
+        if cached is not None:
+            table, rejected = cached
+            manifest = Manifest(path=path, table=table, rejected=rejected, _data=data, cache_path=cache_file(path))
+            _warn_rejected(manifest.rejected)
+            return manifest
+    manifest = _parse(path, data)
+    if use_cache:
+        manifest.cache_path = _save_cache(path, manifest, key)
+    _warn_rejected(manifest.rejected)
     return manifest
 
 
+def _warn_rejected(rejected: list[RejectedLine]) -> None:
+    for item in rejected[:20]:
+        logger.warning("manifest line %d skipped: %s", item.lineno, item.reason)
+    if len(rejected) > 20:
+        logger.warning("... %d more manifest lines skipped (see the .rejected.jsonl file after the next rewrite)",
+                       len(rejected) - 20)
+
+
+def _iter_lines(data) -> Iterator[tuple[int, int, int]]:
+    """(line number, offset, length including the newline) of every line of a mapped file."""
+    size = len(data)
+    offset, lineno = 0, 0
+    find = data.find
+    while offset < size:
+        lineno += 1
+        end = find(b"\n", offset)
+        end = size if end < 0 else end + 1
+        yield lineno, offset, end - offset
+        offset = end
+
+
+def _decode_for_humans(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
+
+
+def _parse(path: Path, data) -> Manifest:
+    projector = _Projector()
+    rejected: list[RejectedLine] = []
+    linenos: list[int] = []
+    for lineno, offset, length in _iter_lines(data):
+        raw = bytes(data[offset : offset + length]).rstrip(b"\r\n")
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+            offset, length = offset + len(_BOM), length - len(_BOM)
+        if not raw.strip():
+            continue
+        try:
+            obj = parse_line(raw)
+            reason = check_record_line(obj)
+        except ValueError as exc:
+            reason = str(exc)
+        if reason:
+            rejected.append(RejectedLine(lineno, _decode_for_humans(raw), reason))
+            continue
+        projector.add(obj, offset, length)
+        linenos.append(lineno)
+    table = projector.table()
+    table, duplicates = _drop_duplicates(table, np.asarray(linenos, dtype=np.int64), data)
+    rejected = sorted(rejected + duplicates, key=lambda r: r.lineno)
+    return Manifest(path=path, table=table, rejected=rejected, _data=data)
+
+
+def _drop_duplicates(table: pa.Table, linenos: np.ndarray, data) -> tuple[pa.Table, list[RejectedLine]]:
+    """Later lines repeating an earlier image_path or image_id are set aside (the first one wins)."""
+    import pyarrow.compute as pc
+
+    keep = np.ones(table.num_rows, dtype=bool)
+    reasons: dict[int, str] = {}
+    for column in ("image_path", "image_id"):
+        values = table.column(column)
+        if pc.count_distinct(values, mode="only_valid").as_py() == pc.count(values, mode="only_valid").as_py():
+            continue  # the usual case: no duplicate, decided in C++
+        first_seen: dict[str, int] = {}
+        for row, value in enumerate(values.to_pylist()):
+            if value is None or not keep[row]:
+                continue
+            if value in first_seen:
+                keep[row] = False
+                what = "image_path" if column == "image_path" else f"image_id {value}"
+                reasons[row] = f"duplicate {what} (first at line {linenos[first_seen[value]]})"
+            else:
+                first_seen[value] = row
+    if keep.all():
+        return table, []
+    offsets = table.column("offset").to_numpy()
+    lengths = table.column("length").to_numpy()
+    rejected = [
+        RejectedLine(int(linenos[row]), _decode_for_humans(bytes(data[offsets[row] : offsets[row] + lengths[row]])), reason)
+        for row, reason in sorted(reasons.items())
+    ]
+    return table.filter(pa.array(keep)), rejected
+
+
+def _load_cache(path: Path, key: dict[bytes, bytes]) -> tuple[pa.Table, list[RejectedLine]] | None:
+    cache = cache_file(path)
+    try:
+        source = pa.memory_map(str(cache))
+        table = pa.ipc.open_stream(source).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    metadata = table.schema.metadata or {}
+    if metadata.get(b"prep.manifest") != key[b"prep.manifest"]:
+        return None
+    try:
+        import json
+
+        rejected = [
+            RejectedLine(item["line"], item["text"], item["reason"]) for item in json.loads(metadata.get(b"prep.rejected", b"[]"))
+        ]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return table.replace_schema_metadata(None), rejected
+
+
+def _save_cache(path: Path, manifest: Manifest, key: dict[bytes, bytes]) -> Path | None:
+    """Write the projection beside the manifest (best effort: a read-only folder just has no cache)."""
+    cache = cache_file(path)
+    rejected = ("[" + ",".join(r.to_json() for r in manifest.rejected) + "]").encode()
+    if len(rejected) > 16 << 20:
+        return None  # a manifest that is mostly garbage is not worth caching
+    table = manifest.table.replace_schema_metadata({**key, b"prep.rejected": rejected})
+    try:
+        with atomic_open(cache, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65536)
+    except OSError as exc:
+        logger.debug("no manifest cache at %s: %s", cache, exc)
+        return None
+    return cache
+
+
+# ------------------------------------------------------------------------------ rejected
 def rejected_path(manifest_path: str | Path) -> Path:
     """`<manifest>.rejected.jsonl`, beside the manifest."""
     manifest_path = Path(manifest_path)
@@ -236,6 +544,8 @@ def save_rejected(manifest_path: str | Path, rejected: list[RejectedLine]) -> No
     """Append newly rejected lines to the side file (atomically, without duplicating old ones)."""
     if not rejected:
         return
+    import json
+
     side = rejected_path(manifest_path)
     existing = side.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if side.exists() else []
     known_texts = set()
@@ -252,18 +562,131 @@ def save_rejected(manifest_path: str | Path, rejected: list[RejectedLine]) -> No
             f.write(line + "\n")
 
 
+# ------------------------------------------------------------------------------ writing
 def write_manifest(path: str | Path, records: Iterable[dict], rejected: list[RejectedLine] = ()) -> int:
     """Write `records` as JSONL atomically (the old file survives any crash); returns the count.
 
     Rejected lines are saved to the side file first, so a line leaves the manifest only
     after it is safe elsewhere.
     """
-    path = Path(path)
+    path = resolve_manifest_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_rejected(path, list(rejected))
     count = 0
-    with atomic_open(path, "w") as f:
+    with atomic_open(path, "wb") as f:
         for record in records:
-            f.write(dumps_record(record) + "\n")
+            f.write(orjson.dumps(record) + b"\n")
             count += 1
     return count
+
+
+def rewrite(
+    manifest: Manifest,
+    changed: dict[int, dict] | None = None,
+    appended: list[dict] = (),
+    *,
+    drop: Iterable[int] = (),
+) -> Manifest:
+    """Stream `manifest` to a new file: untouched lines copied as bytes, `changed` rows (row ->
+    record) serialised again, `drop` rows left out, `appended` records added at the end.
+
+    Atomic (temp + fsync + rename). The rejected lines are saved to the side file first. The
+    returned manifest reads the new file; its projection is the old one with only the changed
+    and appended rows projected again, and is written to the cache.
+    """
+    changed = changed or {}
+    drop_set = {int(r) for r in drop}
+    path = manifest.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_rejected(path, manifest.rejected)
+    spans = manifest.spans
+    n = len(manifest)
+    keep = np.ones(n, dtype=bool)
+    if drop_set:
+        keep[list(drop_set)] = False
+    new_lines = {row: orjson.dumps(record) + b"\n" for row, record in changed.items() if keep[row]}
+    appended_lines = [orjson.dumps(record) + b"\n" for record in appended]
+    lengths = spans[:, 1].copy()
+    for row, line in new_lines.items():
+        lengths[row] = len(line)
+    with atomic_open(path, "wb") as f:
+        _copy_rows(f, manifest, keep, new_lines, lengths)
+        for line in appended_lines:
+            f.write(line)
+    kept_rows = np.flatnonzero(keep)
+    new_lengths = np.concatenate([lengths[kept_rows], np.asarray([len(x) for x in appended_lines], dtype=np.int64)])
+    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64)
+    table = _spliced_table(manifest, kept_rows, changed, appended, new_offsets, new_lengths)
+    data = _map(path)
+    result = Manifest(path=path, table=table, rejected=[], _data=data)
+    result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
+    manifest.close()
+    return result
+
+
+def _copy_rows(f, manifest: Manifest, keep: np.ndarray, new_lines: dict[int, bytes], lengths: np.ndarray) -> None:
+    """Write kept rows in order: runs of untouched, contiguous lines as one slice of the old file."""
+    spans = manifest.spans
+    data = manifest._data
+    run_start = run_end = None
+    for row in np.flatnonzero(keep).tolist():
+        line = new_lines.get(row)
+        offset, length = int(spans[row, 0]), int(spans[row, 1])
+        if line is None and run_end == offset:
+            run_end = offset + length
+            continue
+        if run_start is not None:
+            _write_run(f, data, run_start, run_end)
+            run_start = run_end = None
+        if line is not None:
+            f.write(line)
+        else:
+            run_start, run_end = offset, offset + length
+    if run_start is not None:
+        _write_run(f, data, run_start, run_end)
+
+
+def _write_run(f, data, start: int, end: int) -> None:
+    chunk = data[start:end]
+    f.write(chunk)
+    if not chunk.endswith(b"\n"):
+        f.write(b"\n")  # the old file's last line had no newline
+
+
+def _spliced_table(
+    manifest: Manifest, kept_rows: np.ndarray, changed: dict[int, dict], appended: list[dict],
+    offsets: np.ndarray, lengths: np.ndarray,
+) -> pa.Table:
+    old = manifest.table
+    parts = [_unify(old)]
+    indices = kept_rows.astype(np.int64).copy()
+    changed_rows = [row for row in changed if row in set(kept_rows.tolist())] if changed else []
+    if changed_rows:
+        position = {int(row): i for i, row in enumerate(kept_rows.tolist())}
+        parts.append(_unify(project((changed[row], 0, 0) for row in changed_rows)))
+        for i, row in enumerate(changed_rows):
+            indices[position[row]] = old.num_rows + i
+    extra = old.num_rows + len(changed_rows)
+    if appended:
+        parts.append(_unify(project((record, 0, 0) for record in appended)))
+        indices = np.concatenate([indices, extra + np.arange(len(appended), dtype=np.int64)])
+    combined = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    table = combined.take(pa.array(indices))
+    table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
+    table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
+    return _redictionary(table)
+
+
+def _unify(table: pa.Table) -> pa.Table:
+    """Dictionary columns decoded, so tables with different dictionaries concatenate."""
+    columns = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in table.columns]
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def _redictionary(table: pa.Table) -> pa.Table:
+    columns = []
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if name in DICTIONARY_COLUMNS or name.endswith(("__config", "__origin", "__bucket", "__source")):
+            column = column.dictionary_encode() if not pa.types.is_dictionary(column.type) else column
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=table.column_names).combine_chunks()

@@ -10,6 +10,7 @@ unchanged and reported; migrating a v2 record changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from prep.buckets import ASPECT_BUCKETS, Bucket, assign_aspect_bucket
+from prep.provenance import PROVENANCE_FORMAT, file_stamp
 from prep.records import (
     FORMAT_VERSION,
     INLINE_DINOV3_FIELD,
@@ -73,9 +75,15 @@ def migrate_record(
     if image_id is None:
         return MigrationResult(record, FAILED, "no image_id could be assigned")
     was_v2 = record.get("format_version") == FORMAT_VERSION
+    stamp = None
     if INLINE_DINOV3_FIELD in record:
         vector = np.asarray(record[INLINE_DINOV3_FIELD], dtype=np.float32)
-        save_artifact(base, "dinov3", image_id, vector)
+        path = save_artifact(base, "dinov3", image_id, vector)
+        # The record's own vector: it vouches for this file (model unknown: "migrated").
+        stamp = {"origin": "migrated", "format": PROVENANCE_FORMAT, "file": file_stamp(path.read_bytes(), os.stat(path))}
     bucket = record.get("aspect_bucket") or assign_aspect_bucket(width, height, buckets)
     migrated = to_v2(record, image_id=image_id, width=width, height=height, aspect_bucket=bucket)
+    if stamp is not None:
+        prov = migrated.get("provenance") if isinstance(migrated.get("provenance"), dict) else {}
+        migrated["provenance"] = {**prov, "dinov3": stamp}
     return MigrationResult(migrated, EXTRACTED if was_v2 else MIGRATED)

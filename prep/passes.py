@@ -1,30 +1,31 @@
-"""One encoder pass on one rank: load the model, `Dataset.map` over the rank's shard, unload.
+"""One stage's pass on one rank: load its model, `Dataset.map` over the rank's work, unload.
 
-Images are decoded in DataLoader workers while the model runs; side files are written on a
-thread pool; record updates (captions, T5 masks, provenance) go to the rank's journal.
+Images are decoded in DataLoader worker processes while the model runs (a batch never mixes
+buckets when the stage's arrays follow the bucket); side files are written on a thread pool;
+record updates (captions, T5 masks, provenance stamps, fingerprints) go to the rank's journal.
 
-Crash ordering, so that a stamp never vouches for the wrong file: for DINOv3 and VAE
-artifacts the old file (if any) is removed, then the batch's stamps are journaled, then the
-new files are written; a crash in between leaves a missing file, which is simply redone.
-For T5 the file is written before its mask and stamp are journaled (no mask = redone).
+Crash ordering, so that a stamp never vouches for the wrong file: a batch's arrays are written
+to temp files (fsync), their size, mtime and sha256 go into the stamps, the stamps are journaled
+(fsync), and only then are the temp files renamed into place. A crash before the rename leaves
+the old file (or none) under the final name, which does not match its new stamp and is redone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from prep import journal, store
-from prep.buckets import parse_bucket
-from prep.options import RunOptions
-from prep.provenance import PROVENANCE_FORMAT, Expected, text_sha256
+from prep.provenance import PROVENANCE_FORMAT, file_stamp, text_sha256
+from prep.stages import CAPTION, Output, Stage
 from prep.tally import Tally
 
 logger = logging.getLogger("prep")
@@ -36,11 +37,11 @@ OK, FAIL = "ok", "failed"
 class AsyncWriter:
     """Side-file writes on a small thread pool, so the model never waits on the disk.
 
-    At most `max_pending` writes are in flight (bounded memory); the first write error
-    is raised on the next submit or on `drain`.
+    At most `max_pending` batches are in flight (bounded memory); the first write error is
+    raised on the next submit or on `drain`.
     """
 
-    def __init__(self, threads: int = 2, max_pending: int = 64):
+    def __init__(self, threads: int = 2, max_pending: int = 16):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prep-writer")
         self.pending: list[Future] = []
         self.max_pending = max_pending
@@ -71,113 +72,28 @@ class AsyncWriter:
             self.pool.shutdown(wait=True)
 
 
-# ----------------------------------------------------------------------------- models
-def load_encoder(kind: str, opts: RunOptions, device: str):
-    """Load one model through the production `from_pretrained` path."""
-    m = opts.models
-    if kind == "caption":
-        from prep.encoders.captioner import Captioner
-
-        return Captioner.load(
-            m.caption_model,
-            device=device,
-            dtype=m.dtype,
-            prompt=m.caption_prompt,
-            max_new_tokens=m.caption_max_new_tokens,
-            trust_remote_code=m.trust_remote_code,
-        )
-    if kind == "t5":
-        from prep.encoders.t5 import T5Encoder
-
-        return T5Encoder.load(m.t5_model, device=device, dtype=m.dtype)
-    if kind == "dinov3":
-        from prep.encoders.dinov3 import DINOv3Encoder
-
-        return DINOv3Encoder.load(
-            m.dinov3_model, device=device, dtype=m.dtype, trust_remote_code=m.trust_remote_code
-        )
-    if kind == "vae":
-        from prep.encoders.vae import VAEEncoder
-
-        return VAEEncoder.load(m.vae_model, subfolder=m.vae_subfolder, device=device, dtype=m.dtype)
-    raise KeyError(kind)
-
-
-def model_id_of(kind: str, opts: RunOptions) -> str:
-    m = opts.models
-    return {"caption": m.caption_model, "t5": m.t5_model, "dinov3": m.dinov3_model, "vae": m.vae_model}[kind]
-
-
-def config_fields(kind: str, opts: RunOptions, dtype: str | None) -> dict:
-    """The configuration a kind's provenance records (and a run judges staleness against)."""
-    from prep.encoders.common import model_revision
-
-    model_id = model_id_of(kind, opts)
-    fields = {"model_id": model_id, "revision": model_revision(model_id), "dtype": dtype}
-    if kind == "vae":
-        from prep.encoders.vae import effective_vae_subfolder
-
-        fields["subfolder"] = effective_vae_subfolder(model_id, opts.models.vae_subfolder)
-    elif kind == "t5":
-        from prep.config import T5_MAX_LENGTH
-
-        fields["max_length"] = T5_MAX_LENGTH
-    elif kind == "caption":
-        fields["prompt_sha256"] = hashlib.sha256(opts.models.caption_prompt.encode("utf-8")).hexdigest()
-        fields["max_new_tokens"] = opts.models.caption_max_new_tokens
-    return fields
-
-
-def expected_config(kind: str, opts: RunOptions, device: str) -> Expected:
-    """What this run expects of existing `kind` artifacts; unknowable fields are not judged.
-
-    The dtype is judged only when `--dtype` was given: "auto" differs between a GPU and a
-    CPU machine, and resuming elsewhere should not redo a whole dataset.
-    """
-    import torch
-
-    from prep.encoders.common import resolve_dtype
-
-    dtype = (
-        None if opts.models.dtype == "auto" else str(resolve_dtype(opts.models.dtype, torch.device(device)))
-    )
-    fields = config_fields(kind, opts, dtype)
-    if fields["revision"] == "unknown":
-        fields["revision"] = None
-    return Expected({kind: fields})
-
-
-def run_with_oom_retry(fn: Callable[[list], list], items: list) -> list:
-    """Run `fn` on a batch; on CUDA out-of-memory, retry in halves down to single items."""
-    import torch
-
-    try:
-        return fn(items)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        if len(items) == 1:
-            raise
-        logger.warning("CUDA out of memory on a batch of %d; retrying in halves", len(items))
-        half = len(items) // 2
-        return run_with_oom_retry(fn, items[:half]) + run_with_oom_retry(fn, items[half:])
-
-
 # ------------------------------------------------------------------------- pass state
 @dataclass
 class PassContext:
     """What a pass's map function needs besides its batch."""
 
-    kind: str
-    opts: RunOptions
+    stage: Stage
+    opts: object  # RunOptions
     encoder: object
     journal: journal.Journal
     writer: AsyncWriter
     tally: Tally
     is_main: bool
-    stamp_base: dict
-    stale: dict[str, str]
+    config: dict  # the stage's configuration, as every stamp of this pass records it
+    stale: dict[str, str] = field(default_factory=dict)
+    bar: object = None  # the pass's progress bar (main rank)
     batches_done: int = 0
     model_seconds: float = 0.0
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @property
+    def kind(self) -> str:
+        return self.stage.name
 
     @contextlib.contextmanager
     def model_time(self) -> Iterator[None]:
@@ -198,180 +114,137 @@ class PassContext:
         if image_id in self.stale:
             self.tally.refresh(self.kind, image_id)
         if self.opts.verbose:
-            logger.debug(
-                "%s %s: done%s",
-                self.kind,
-                image_id,
-                f" (was {self.stale[image_id]})" if image_id in self.stale else "",
-            )
+            why = f" (was {self.stale[image_id]})" if image_id in self.stale else ""
+            logger.debug("%s %s: done%s", self.kind, image_id, why)
         return OK
 
     def stamp(self, **inputs) -> dict:
-        return {**self.stamp_base, **inputs, "format": PROVENANCE_FORMAT}
+        return {**self.config, **{k: v for k, v in inputs.items() if v is not None}, "format": PROVENANCE_FORMAT}
 
-    def after_batch(self) -> None:
+    def after_batch(self, count: int = 0) -> None:
+        """Progress, and a time-based checkpoint on the main rank: fold the journals into the manifest."""
         self.batches_done += 1
-        if self.is_main and self.batches_done % self.opts.checkpoint_every == 0:
+        if self.bar is not None:
+            self.bar.update(count)
+        minutes = getattr(self.opts, "checkpoint_minutes", 0) or 0
+        if self.is_main and minutes > 0 and time.monotonic() - self.last_checkpoint >= minutes * 60:
+            self.writer.drain()
             journal.merge_into_manifest(self.opts.manifest)
+            self.last_checkpoint = time.monotonic()
 
 
-def retire_then_journal(ctx: PassContext, updates: list[dict]) -> None:
-    """Remove the files about to be replaced, then journal their new stamps (one fsync per batch)."""
-    for update in updates:
-        with contextlib.suppress(FileNotFoundError):
-            store.artifact_path(ctx.opts.output_base_dir, ctx.kind, update["image_id"]).unlink()
-    ctx.journal.append(updates)
+Result = tuple[str, Output, dict, dict | None]  # (image_id, output, input stamp fields, image fingerprint)
 
 
-# -------------------------------------------------------------------------- transforms
-def image_transform(kind: str, encoder, bucket: str | None) -> Callable[[str], object]:
-    """The picklable per-image work the DataLoader workers do for a pass."""
-    from prep import preprocess
+def commit(ctx: PassContext, results: list[Result]) -> None:
+    """Write a batch's arrays to temp files, journal their stamps, then rename them into place."""
+    spec = ctx.stage.artifact
+    temps: list[tuple[Path, Path]] = []
+    updates = []
+    try:
+        for image_id, output, inputs, fingerprint in results:
+            stamp = ctx.stamp(**inputs, **output.inputs)
+            update = {"image_id": image_id, **output.fields}
+            if fingerprint is not None:
+                update["image_fingerprint"] = fingerprint
+            if ctx.stage.artifact is None and "caption" in output.fields:
+                stamp.update(source="model", text_sha256=text_sha256(output.fields["caption"]))
+            if output.array is not None and spec is not None:
+                path = store.artifact_path(ctx.opts.derived_dir, ctx.kind, image_id)
+                data = store.npy_bytes(output.array, spec.dtype)
+                tmp = store.write_temp(path, data)
+                temps.append((tmp, path))
+                stamp["file"] = file_stamp(data, os.stat(tmp))
+            update[f"provenance.{ctx.kind}"] = stamp
+            updates.append(update)
+        ctx.journal.append(updates)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    for tmp, path in temps:
+        store.publish(tmp, path)
+    store.fsync_dirs(path for _, path in temps)
 
-    if kind == "vae":
-        width, height = parse_bucket(bucket)
-        return functools.partial(preprocess.load_bucket_crop, width=width, height=height)
-    if kind == "dinov3":
-        return functools.partial(dinov3_pixels, encoder.processor)
-    return preprocess.open_rgb
+
+def run_with_oom_retry(fn: Callable[[list], list], items: list) -> list:
+    """Run `fn` on a batch; on CUDA out-of-memory, retry in halves down to single items."""
+    import torch
+
+    try:
+        return fn(items)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(items) == 1:
+            raise
+        logger.warning("CUDA out of memory on a batch of %d; retrying in halves", len(items))
+        half = len(items) // 2
+        return run_with_oom_retry(fn, items[:half]) + run_with_oom_retry(fn, items[half:])
 
 
-def dinov3_pixels(processor, path: str):
-    """Decode + DINOv3 preprocessing in a worker: a (3, H, W) float tensor.
-
-    Big JPEGs are draft-decoded to at least twice the processor's input size (1.2x faster
-    measured, 0.25 grey levels mean difference before the processor's own resize).
-    """
-    from prep.preprocess import open_rgb
-
-    return processor(images=[open_rgb(path, draft_to=processor_size(processor))], return_tensors="pt")[
-        "pixel_values"
-    ][0]
-
-
-def processor_size(processor) -> tuple[int, int] | None:
-    """(width, height) an image processor resizes to, when it says so plainly."""
-    size = getattr(processor, "size", None)
-    read = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-    width, height = read("width"), read("height")
-    return (int(width), int(height)) if width and height else None
+def encode_items(ctx: PassContext, items: list) -> list[Output]:
+    """The stage's model on a batch, timed; a model error fails the batch's records, not the run."""
+    with ctx.model_time():
+        try:
+            outputs = run_with_oom_retry(lambda chunk: ctx.stage.encode(ctx.encoder, chunk), items)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per record
+            return [Output(error=f"{type(exc).__name__}: {exc}") for _ in items]
+    if len(outputs) != len(items):
+        raise RuntimeError(f"stage {ctx.kind} returned {len(outputs)} outputs for {len(items)} items (a bug)")
+    return outputs
 
 
 # ----------------------------------------------------------------------- map functions
 def encode_image_batch(batch: dict, *, ctx: PassContext, loader_iter: Iterator) -> dict:
-    """The `Dataset.map` function of image passes: take the prefetched batch, encode, write."""
+    """The `Dataset.map` function of image stages: take the prefetched batch, encode, write."""
     items = next(loader_iter)
     ids = batch["image_id"]
     if [item[0] for item in items] != ids:
         raise RuntimeError("data loader out of step with the dataset (this is a bug)")
     status = {image_id: FAIL for image_id in ids}
-    good, fingerprints = [], {}
-    for image_id, data, error, fp in items:
+    good = []
+    for image_id, data, error, fingerprint in items:
         if error is not None:
             status[image_id] = ctx.fail(image_id, error)
         else:
-            good.append((image_id, data))
-            fingerprints[image_id] = fp
+            good.append((image_id, data, fingerprint))
+    results: list[Result] = []
     if good:
-        try:
-            outputs = run_with_oom_retry(functools.partial(encode_items, ctx), good)
-        except OSError:
-            raise
-        except Exception as exc:  # a model error fails this batch's records, not the run
-            outputs = [(image_id, None, {}, f"{type(exc).__name__}: {exc}") for image_id, _ in good]
-        updates, arrays = [], []
-        for image_id, result, inputs, error in outputs:
-            if error is not None:
-                status[image_id] = ctx.fail(image_id, error)
+        outputs = encode_items(ctx, [data for _, data, _ in good])
+        for (image_id, _, fingerprint), output in zip(good, outputs, strict=True):
+            if output.error is not None:
+                status[image_id] = ctx.fail(image_id, output.error)
                 continue
-            fp = fingerprints[image_id]
-            stamp = ctx.stamp(image_sha256=fp["sha256"] if fp else None, **inputs)
-            update = {"image_id": image_id, "image_fingerprint": fp, f"provenance.{ctx.kind}": stamp}
-            if ctx.kind == "caption":
-                stamp.update(source="model", text_sha256=text_sha256(result))
-                update["caption"] = result
-            else:
-                arrays.append((image_id, result))
-            updates.append(update)
+            inputs = {"image_sha256": fingerprint["sha256"] if fingerprint else None}
+            results.append((image_id, output, inputs, fingerprint))
             status[image_id] = ctx.succeed(image_id)
-        if ctx.kind == "caption":
-            ctx.journal.append(updates)
-        elif updates:
-            retire_then_journal(ctx, updates)
-            for image_id, array in arrays:
-                ctx.writer.submit(store.save_artifact, ctx.opts.output_base_dir, ctx.kind, image_id, array)
-    ctx.after_batch()
+    if results:
+        ctx.writer.submit(commit, ctx, results)
+    ctx.after_batch(len(ids))
     return {"status": [status[i] for i in ids]}
 
 
-def encode_items(
-    ctx: PassContext, good: list[tuple[str, object]]
-) -> list[tuple[str, object, dict, str | None]]:
-    """Run the pass's model on decoded items: (id, result, provenance inputs, error) per item."""
-    import numpy as np
-    import torch
-
-    ids = [image_id for image_id, _ in good]
-    data = [d for _, d in good]
-    if ctx.kind == "caption":
-        with ctx.model_time():
-            captions = [c.strip() for c in ctx.encoder.caption(data)]
-        return [(i, c, {}, None if c else "empty caption") for i, c in zip(ids, captions, strict=True)]
-    if ctx.kind == "dinov3":
-        pixels = torch.stack(data)
-        inputs = [{"input_size": list(pixels.shape[-2:])}] * len(ids)
-        with ctx.model_time():
-            arrays, finite = ctx.encoder.encode_pixels(pixels)
-    else:
-        from prep.preprocess import to_vae_pixels
-
-        pixels = to_vae_pixels(np.stack([crop for crop, _ in data]))
-        inputs = [
-            {"bucket": f"{pixels.shape[-1]}x{pixels.shape[-2]}", "crop_box": list(box)} for _, box in data
-        ]
-        with ctx.model_time():
-            arrays, finite = ctx.encoder.encode(pixels)
-    return [
-        (i, np.array(a), extra, None if ok else "non-finite output")
-        for i, a, extra, ok in zip(ids, arrays, inputs, finite, strict=True)
-    ]
-
-
 def encode_text_batch(batch: dict, *, ctx: PassContext) -> dict:
-    """The `Dataset.map` function of the T5 pass: hidden states to disk, then masks to the journal."""
+    """The `Dataset.map` function of stages that read captions (T5)."""
     ids, captions = batch["image_id"], batch["caption"]
-    with ctx.model_time():
-        rows = run_with_oom_retry(
-            lambda chunk: list(zip(*ctx.encoder.encode(chunk), strict=True)), list(captions)
-        )
-    statuses, updates = [], []
-    for image_id, caption, (array, mask, ok) in zip(ids, captions, rows, strict=True):
-        if not ok:
-            statuses.append(ctx.fail(image_id, "non-finite output"))
+    outputs = encode_items(ctx, list(captions))
+    statuses, results = [], []
+    for image_id, caption, output in zip(ids, captions, outputs, strict=True):
+        if output.error is not None:
+            statuses.append(ctx.fail(image_id, output.error))
             continue
-        store.save_artifact(ctx.opts.output_base_dir, "t5", image_id, array)  # file first, then the mask
-        updates.append(
-            {
-                "image_id": image_id,
-                "t5_attention_mask": [int(v) for v in mask],
-                "provenance.t5": ctx.stamp(caption_sha256=text_sha256(caption)),
-            }
-        )
+        results.append((image_id, output, {"caption_sha256": text_sha256(caption)}, None))
         statuses.append(ctx.succeed(image_id))
-    ctx.journal.append(updates)
-    ctx.after_batch()
+    if results:
+        ctx.writer.submit(commit, ctx, results)
+    ctx.after_batch(len(ids))
     return {"status": statuses}
 
 
 # ---------------------------------------------------------------------------- the pass
-def image_batch_size(ctx: PassContext) -> int:
-    """--batch-size, or by default 8 on a GPU and 1 on a CPU (where batching the VAE is slower:
-    2.46 s/image at batch 1 vs 2.97 at batch 2 for the real-size VAE, measured)."""
-    if ctx.opts.batch_size:
-        return ctx.opts.batch_size
-    return 8 if str(getattr(ctx.encoder, "device", "cpu")).startswith("cuda") else 1
-
-
 def fresh_fingerprint(kind: str) -> str:
     """A new `datasets` fingerprint: side-effecting maps must never be replayed from a cache."""
     return f"prep-{kind}-{uuid.uuid4().hex}"
@@ -386,32 +259,34 @@ def group_by_bucket(ds) -> list[tuple[str | None, object]]:
 
 
 def previous_fingerprints(ds) -> list[dict | None]:
-    import json
+    """The records' image fingerprints, so workers hash only files whose size or mtime changed."""
+    columns = zip(ds["fp_size"], ds["fp_mtime"], ds["fp_sha256"], strict=True)
+    return [
+        {"size": size, "mtime_ns": mtime, "sha256": sha} if size is not None and sha else None
+        for size, mtime, sha in columns
+    ]
 
-    return [json.loads(text) if text else None for text in ds["image_fingerprint"]]
 
-
-def run_pass_on_shard(ctx: PassContext, shard) -> None:
-    """Encode one rank's share of a pass with batched `Dataset.map` calls."""
+def run_pass_on_shard(ctx: PassContext, shard, *, device) -> None:
+    """Encode one rank's share of a stage with batched `Dataset.map` calls."""
     from prep.loader import make_loader
 
     map_kwargs = {"batched": True, "load_from_cache_file": False, "keep_in_memory": True}
-    if ctx.kind == "t5":
+    batch_size = ctx.stage.batch_size(ctx.opts, device)
+    if ctx.stage.reads == CAPTION:
         shard.map(
             functools.partial(encode_text_batch, ctx=ctx),
-            batch_size=ctx.opts.text_batch_size,
-            desc="t5",
-            new_fingerprint=fresh_fingerprint("t5"),
+            batch_size=batch_size,
+            new_fingerprint=fresh_fingerprint(ctx.kind),
             **map_kwargs,
         )
         return
-    batch_size = ctx.opts.caption_batch_size if ctx.kind == "caption" else image_batch_size(ctx)
-    groups = group_by_bucket(shard) if ctx.kind == "vae" else [(None, shard)]
+    groups = group_by_bucket(shard) if ctx.stage.by_bucket else [(None, shard)]
     for bucket, group in groups:
         loader = make_loader(
             group["image_id"],
             group["image_path"],
-            image_transform(ctx.kind, ctx.encoder, bucket),
+            ctx.stage.worker_transform(ctx.encoder, bucket),
             batch_size=batch_size,
             num_workers=ctx.opts.num_workers,
             fingerprints=previous_fingerprints(group),
@@ -420,7 +295,6 @@ def run_pass_on_shard(ctx: PassContext, shard) -> None:
         group.map(
             functools.partial(encode_image_batch, ctx=ctx, loader_iter=loader_iter),
             batch_size=batch_size,
-            desc=f"{ctx.kind}{' ' + bucket if bucket else ''}",
             new_fingerprint=fresh_fingerprint(ctx.kind),
             **map_kwargs,
         )

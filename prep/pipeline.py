@@ -1,55 +1,40 @@
-"""The main job: scan -> migrate -> caption -> t5 -> dinov3 -> vae, resumable, under Accelerate.
+"""The main job: prepare the manifest, then every stage's pass, resumably, under Accelerate.
 
-Shape of a run (every rank runs this file; `accelerate launch` starts the ranks):
+Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
 
-1. Every rank checks its inputs (cheap, read-only), so a bad flag fails everywhere at once.
-2. The main rank prepares the manifest alone: merges journals a killed run left, scans
-   `--images` for new files, applies `.txt` sidecar captions, migrates v0/v1 records, and
-   rewrites the manifest atomically. The others wait at a barrier.
-3. For each pass, every rank loads the manifest as a `datasets.Dataset`, decides the work
-   with a `Dataset.filter` (`needs_*`, reading side-file headers only), meets the others
-   at a barrier (nobody writes before everybody has filtered), takes its contiguous shard
-   and runs a batched `Dataset.map` that encodes and writes side files. Images are decoded
-   in DataLoader workers while the model runs; writes go to a thread pool. Record updates
-   (captions, T5 masks, provenance stamps) go to the rank's journal; the main rank merges
-   journals into the manifest every `--checkpoint-every` batches and at the end of each pass.
+1. Every rank checks its inputs and model flags (cheap, read-only), so a bad flag or a gated
+   model fails everywhere at once, before any pass and before anything is created.
+2. The main rank takes the locks (the manifest's, at its resolved path, and the derived
+   dir's, which is bound to one manifest) and prepares the manifest alone (`prep.prepare`).
+3. For each stage, every rank reads the manifest's projection (memory-mapped, shared), takes
+   its stride of the records (row % ranks == rank: balanced, and no two ranks touch one
+   record), decides the work with a `Dataset.filter` (`prep.needs`) and runs a batched
+   `Dataset.map` that encodes and writes (`prep.passes`). Record updates go to per-rank
+   journals; the main rank folds them into the manifest after each pass (and every
+   `--checkpoint-minutes` during one) with a streaming rewrite.
 
-Resume comes from files on disk (valid side files count as done; journals hold record
-updates), never from the `datasets` cache: every map runs with `load_from_cache_file=False`
-on an in-memory dataset. No collective runs during long work, only between passes.
+Resume comes from files on disk (stamped side files, journals), never from the `datasets`
+cache. No collective runs during long work, only between passes.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prep import journal, provenance, store
-from prep.buckets import assign_aspect_bucket, format_bucket, parse_bucket
+from prep import journal, provenance, stages, store
 from prep.errors import UserError
-from prep.fsio import sweep_temp_files
-from prep.manifest import Manifest, read_manifest, write_manifest
-from prep.migrate import EXTRACTED, FAILED, MIGRATED, ids_for_records, migrate_record
-from prep.needs import NEEDS, NeedsPlan
+from prep.fsio import LockedError, acquire_lock, release_lock, sweep_temp_files
+from prep.manifest import cache_file, read_manifest, resolve_manifest_path
+from prep.models import ResolvedModel, resolve_model
+from prep.needs import Yardstick, plan_stage, read_redo
 from prep.options import RunOptions
-from prep.passes import (
-    AsyncWriter,
-    PassContext,
-    config_fields,
-    expected_config,
-    fresh_fingerprint,
-    load_encoder,
-    model_id_of,
-    run_pass_on_shard,
-)
-from prep.records import has_caption, needs_migration, new_record
-from prep.scan import assign_image_ids, iter_image_files, read_headers, relative_key
 from prep.tally import Tally, progress_line, refreshed_line
 
 logger = logging.getLogger("prep")
@@ -69,228 +54,154 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def has_any_image(folder: Path) -> bool:
+    from prep.scan import iter_image_files
+
+    return next(iter(iter_image_files(folder)), None) is not None
+
+
 def check_inputs(opts: RunOptions) -> None:
-    """Read-only checks every rank runs first, so bad input fails cleanly everywhere."""
+    """Read-only checks every rank runs first, so bad input fails cleanly everywhere, creating nothing."""
+    manifest = opts.manifest
     if opts.images is not None:
         if not opts.images.exists():
-            raise RunError(f"images directory {opts.images} does not exist")
+            raise RunError(f"images folder {opts.images} does not exist")
         if not opts.images.is_dir():
-            raise RunError(f"--images {opts.images} is not a directory")
-    if opts.manifest.exists() and not opts.manifest.is_file():
-        raise RunError(f"manifest {opts.manifest} is not a file")
-    if opts.images is None and not opts.manifest.exists():
-        raise RunError(f"manifest {opts.manifest} does not exist and no --images folder was given")
-    if opts.output_base_dir.exists() and not opts.output_base_dir.is_dir():
-        raise RunError(f"output base dir {opts.output_base_dir} is not a directory")
-    for target in (opts.output_base_dir, opts.manifest.parent):
+            raise RunError(f"--images {opts.images} is not a folder")
+    if manifest.exists() and not resolve_manifest_path(manifest).is_file():
+        raise RunError(f"manifest {manifest} is not a file")
+    has_records = manifest.exists() and os.path.getsize(resolve_manifest_path(manifest)) > 0
+    if opts.images is None and not manifest.exists():
+        raise RunError(f"manifest {manifest} does not exist and no --images folder was given")
+    if opts.images is not None and not has_records and not opts.no_resume and not has_any_image(opts.images):
+        from prep.config import IMAGE_EXTENSIONS
+
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise RunError(f"no image found under {opts.images} (looked for {kinds}, hidden folders skipped)")
+    if opts.derived_dir.exists() and not opts.derived_dir.is_dir():
+        raise RunError(f"derived dir {opts.derived_dir} is not a folder")
+    for target in (opts.derived_dir, manifest.parent):
         parent = nearest_existing(target)
         if not parent.is_dir():
-            raise RunError(f"cannot create {target}: {parent} is not a directory")
+            raise RunError(f"cannot create {target}: {parent} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"{target} is not writable")
-    free_gb = shutil.disk_usage(nearest_existing(opts.output_base_dir)).free / 1e9
+    free_gb = shutil.disk_usage(nearest_existing(opts.derived_dir)).free / 1e9
     if free_gb < opts.min_free_gb:
         raise RunError(
-            f"only {free_gb:.1f} GB free under {opts.output_base_dir}, need {opts.min_free_gb:g} "
+            f"only {free_gb:.1f} GB free under {opts.derived_dir}, need {opts.min_free_gb:g} "
             "(about 675 KiB per 1024x1024 image; lower with --min-free-gb)"
         )
-    for width, height in opts.buckets:
-        parse_bucket(f"{width}x{height}")
-    if (opts.batch_size is not None and opts.batch_size < 1) or opts.text_batch_size < 1 or opts.caption_batch_size < 1:
+    try:
+        opts.bucket_list()
+    except ValueError as exc:
+        raise RunError(f"--buckets: {exc}") from None
+    if (opts.batch_size is not None and opts.batch_size < 1) or opts.text_batch_size < 1:
         raise RunError("batch sizes must be >= 1")
+    if opts.pass_ not in ("all", "migrate", *stages.STAGES):
+        raise RunError(f"--pass {opts.pass_}: choose all, migrate or one of {', '.join(stages.STAGES)}")
+
+
+def resolve_models(opts: RunOptions) -> dict[str, ResolvedModel]:
+    """Check the model flag of every selected stage and pin its revision (before any pass runs)."""
+    resolved = {}
+    for stage in opts.selected_stages():
+        if stage.model is None:
+            continue
+        choice = opts.models[stage.name]
+        resolved[stage.name] = resolve_model(
+            f"--{stage.name}-model", choice.source, revision=choice.revision, subfolder=choice.subfolder
+        )
+    return resolved
+
+
+# ------------------------------------------------------------------------------ locks
+@dataclass
+class Locks:
+    manifest: object
+    derived: object
+
+    def release(self) -> None:
+        release_lock(self.derived)
+        release_lock(self.manifest)
+
+
+def take_locks(opts: RunOptions) -> Locks:
+    """The manifest's lock (at its resolved path) and the derived dir's; one job per dataset."""
+    target = resolve_manifest_path(opts.manifest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    opts.derived_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest_lock = acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {opts.manifest}")
+    except LockedError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        derived_lock = acquire_lock(opts.derived_dir / store.LOCK_FILE, f"the derived dir {opts.derived_dir}")
+    except LockedError as exc:
+        release_lock(manifest_lock)
+        raise RunError(str(exc)) from None
+    return Locks(manifest_lock, derived_lock)
+
+
+def bind_derived_dir(opts: RunOptions) -> None:
+    """A derived dir belongs to one manifest: refuse another (its artifacts are that manifest's)."""
+    derived = Path(os.path.realpath(opts.derived_dir))
+    manifest = resolve_manifest_path(opts.manifest)
+    bound = store.read_metadata(derived).get("manifest")
+    relative = os.path.relpath(manifest, derived)
+    if isinstance(bound, str) and os.path.normpath(derived / bound) != str(manifest) and not opts.rebind:
+        raise RunError(
+            f"{opts.derived_dir} belongs to the manifest {os.path.normpath(derived / bound)} (prep_metadata.json); "
+            "use another --derived-dir, or pass --rebind if you moved or renamed that manifest"
+        )
+    if bound != relative:
+        store.update_metadata(derived, {"manifest": relative})
 
 
 # ------------------------------------------------------------------------------ prepare
 def start_over(opts: RunOptions) -> None:
     """--no-resume: keep the old manifest as a timestamped backup, delete the side files."""
-    if opts.manifest.exists():
-        backup = opts.manifest.with_name(f"{opts.manifest.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(opts.manifest, backup)
+    target = resolve_manifest_path(opts.manifest)
+    if target.exists():
+        backup = target.with_name(f"{target.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(target, backup)
         logger.info("--no-resume: previous manifest kept as %s", backup)
+    cache_file(target).unlink(missing_ok=True)
     journal.clear(opts.manifest)
-    for kind in store.ARTIFACTS:
-        shutil.rmtree(store.artifact_dir(opts.output_base_dir, kind), ignore_errors=True)
+    for kind in stages.file_artifacts():
+        shutil.rmtree(store.artifact_dir(opts.derived_dir, kind), ignore_errors=True)
 
 
-def normalised(path: str | Path) -> str:
-    """The key that matches an image file to its record (absolute, normalised)."""
-    return os.path.normpath(os.path.abspath(path))
+def prepare(opts: RunOptions, tally: Tally) -> None:
+    """Main rank only: sweep, bind, then the manifest steps (`prep.prepare`)."""
+    from prep.prepare import prepare_manifest
 
-
-def scan_images(opts: RunOptions, manifest: Manifest, tally: Tally) -> list[dict]:
-    """Records for images under `--images` that the manifest does not know yet."""
-    from tqdm.auto import tqdm
-
-    known = {normalised(path) for path in manifest.projections_column("image_path")}
-    taken = set(manifest.projections_column("image_id")) - {None}
-    candidates = [p for p in iter_image_files(opts.images) if normalised(p) not in known]
-    headers = list(
-        tqdm(read_headers(candidates), total=len(candidates), desc="scan", unit="img", leave=False)
-    )
-    readable = []
-    for header in headers:
-        if header.error:
-            tally.unreadable += 1
-            logger.warning("skipped %s: %s", header.path, header.error)
-        else:
-            readable.append(header)
-    keys = [relative_key(h.path, opts.images) for h in readable]
-    ids = assign_image_ids(keys, taken)
-    records = []
-    for header, image_id in zip(readable, ids, strict=True):
-        bucket = assign_aspect_bucket(header.width, header.height, opts.buckets)
-        records.append(
-            new_record(
-                image_id=image_id,
-                image_path=str(header.path),
-                width=header.width,
-                height=header.height,
-                aspect_bucket=bucket,
-            )
-        )
-        tally.new.add(image_id)
-        logger.debug("new %s: %s %dx%d -> %s", image_id, header.path, header.width, header.height, bucket)
-    return records
-
-
-def sidecar_caption(image_path: str) -> str | None:
-    """The caption in `<image stem>.txt` beside the image, if any."""
-    path = Path(image_path).with_suffix(".txt")
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text or None
-
-
-def prepare_manifest(opts: RunOptions, tally: Tally) -> None:
-    """Main rank only: recover journals, scan, sidecars, migrate; one atomic rewrite if anything changed."""
     if opts.no_resume:
         start_over(opts)
-    store.ensure_dirs(opts.output_base_dir)
-    swept = store.sweep_stray_temp_files(opts.output_base_dir)
+    store.ensure_dirs(opts.derived_dir)
+    target = resolve_manifest_path(opts.manifest)
+    swept = store.sweep_stray_temp_files(opts.derived_dir)
     # A manifest checkpoint (or rejected-lines / metadata rewrite) killed before its rename
     # leaves `.manifest.jsonl.<random>.prep-tmp` beside the manifest: sweep those too.
-    swept += sweep_temp_files(opts.manifest.parent, prefix=f".{opts.manifest.name}.")
-    swept += sweep_temp_files(opts.output_base_dir, prefix=f".{store.METADATA_FILE}.")
+    swept += sweep_temp_files(target.parent, prefix=f".{target.name}.")
+    swept += sweep_temp_files(opts.derived_dir, prefix=f".{store.METADATA_FILE}.")
     if swept:
         logger.info("removed %d temp files left by an interrupted run", swept)
     legacy_idx = opts.manifest.with_suffix(".idx")
     if legacy_idx.exists():
         logger.info("ignoring legacy %s: resume now comes from the manifest and side files", legacy_idx)
-    manifest = read_manifest(opts.manifest)
-    updates = journal.read_updates(opts.manifest)
-    new_records = scan_images(opts, manifest, tally) if opts.images is not None else []
-    run_migrate = "migrate" in opts.selected_passes()
-    run_sidecars = opts.sidecar_captions and "caption" in opts.selected_passes() and not opts.recaption
-
-    records = list(manifest)
-    changed = bool(new_records) or bool(manifest.rejected)
-    if updates:
-        by_id = {r.get("image_id"): r for r in records}
-        for image_id, update in updates.items():
-            if image_id in by_id and journal.apply_update(by_id[image_id], update):
-                changed = True
-    records.extend(new_records)
-    if run_sidecars:
-        changed |= apply_sidecar_captions(records, tally)
-    if run_migrate:
-        changed |= migrate_all(records, opts, tally)
-    changed |= rebucket(records, opts)
-    changed |= refresh_image_fingerprints(records)
-    if changed:
-        write_manifest(opts.manifest, records, manifest.rejected)
-    journal.clear(opts.manifest)
+    prepare_manifest(opts, read_manifest(opts.manifest), tally)
+    updates: dict = {"buckets": [f"{w}x{h}" for w, h in opts.bucket_list()]}
+    if opts.images is not None:
+        roots = store.read_metadata(opts.derived_dir).get("images_roots") or []
+        root = os.path.abspath(opts.images)
+        if root not in roots:
+            updates["images_roots"] = [*roots, root]
+    if any(store.read_metadata(opts.derived_dir).get(k) != v for k, v in updates.items()):
+        store.update_metadata(opts.derived_dir, updates)
 
 
-def apply_sidecar_captions(records: list[dict], tally: Tally) -> bool:
-    """Captions from `<stem>.txt` files: for records without one, and where the sidecar changed since."""
-    changed = False
-    for record in records:
-        stamp = (record.get("provenance") or {}).get("caption") or {}
-        from_sidecar = stamp.get("source") == "sidecar" and stamp.get(
-            "text_sha256"
-        ) == provenance.text_sha256(record.get("caption"))
-        if has_caption(record) and not from_sidecar:
-            continue
-        caption = sidecar_caption(record["image_path"])
-        if caption and caption != record.get("caption"):
-            journal.apply_update(
-                record,
-                {
-                    "caption": caption,
-                    "provenance.caption": {
-                        "source": "sidecar",
-                        "text_sha256": provenance.text_sha256(caption),
-                    },
-                },
-            )
-            tally.enriched.add(record.get("image_id") or record["image_path"])
-            changed = True
-    return changed
-
-
-def rebucket(records: list[dict], opts: RunOptions) -> bool:
-    """Move v2 records to the nearest bucket of the current set (their VAE latent then goes stale)."""
-    moved = 0
-    for record in records:
-        width, height, bucket = record.get("width"), record.get("height"), record.get("aspect_bucket")
-        if (
-            needs_migration(record)
-            or type(width) is not int
-            or type(height) is not int
-            or width <= 0
-            or height <= 0
-        ):
-            continue
-        nearest = assign_aspect_bucket(width, height, opts.buckets)
-        if nearest != bucket:
-            record["aspect_bucket"] = nearest
-            moved += 1
-    if moved:
-        logger.info("%d records moved to a new aspect bucket (the bucket set changed)", moved)
-    return moved > 0
-
-
-def refresh_image_fingerprints(records: list[dict]) -> bool:
-    """Re-hash images whose size or mtime changed since their fingerprint; True if any changed.
-
-    Only files with a fingerprint are checked (the passes take the first one when they read
-    an image), and a file whose size and mtime are unchanged is never hashed.
-    """
-    changed = 0
-    for record in records:
-        previous = record.get("image_fingerprint")
-        if not isinstance(previous, dict):
-            continue
-        current = provenance.refresh_fingerprint(record["image_path"], previous)
-        if current is not None and current != previous:
-            record["image_fingerprint"] = current
-            changed += 1
-    if changed:
-        logger.info("%d image files changed on disk since their fingerprint", changed)
-    return changed > 0
-
-
-def migrate_all(records: list[dict], opts: RunOptions, tally: Tally) -> bool:
-    """Migrate every record that needs it, in place; True if any changed."""
-    taken = {r["image_id"] for r in records if isinstance(r.get("image_id"), str)}
-    new_ids = ids_for_records(records, taken)
-    changed = False
-    for index, record in enumerate(records):
-        result = migrate_record(record, opts.output_base_dir, new_ids.get(record["image_path"]), opts.buckets)
-        label = result.record.get("image_id") or record["image_path"]
-        if result.status == FAILED:
-            tally.failed[label] = f"migrate: {result.reason}"
-            logger.warning("not migrated %s: %s", record["image_path"], result.reason)
-        elif result.status in (MIGRATED, EXTRACTED):
-            records[index] = result.record
-            (tally.migrated if result.status == MIGRATED else tally.extracted).add(label)
-            logger.debug("%s %s -> v2", result.status, label)
-            changed = True
-    return changed
-
-
+# ------------------------------------------------------------------------------- passes
 @dataclass
 class PassStats:
     """Timing of one pass on one rank: the figures the benchmarks read."""
@@ -306,81 +217,142 @@ class PassStats:
         return self.model_seconds / self.encode_seconds if self.encode_seconds else 0.0
 
 
-def run_encoder_pass(kind: str, opts: RunOptions, state, tally: Tally) -> PassStats:
-    """One pass on every rank: filter (all ranks) -> barrier -> shard -> load -> map -> unload."""
-    import datasets
+def stage_config(stage, opts: RunOptions, model: ResolvedModel | None, dtype: str | None) -> dict:
+    """The configuration a stage's stamps record (and a run judges staleness against)."""
+    fields: dict = {}
+    if model is not None:
+        fields = {"model_id": model.source, "revision": model.revision, "dtype": dtype}
+        if stage.model.subfolder is not None:
+            fields["subfolder"] = model.subfolder
+    fields.update(stage.settings(opts))
+    return fields
+
+
+def expected_config(stage, opts: RunOptions, model: ResolvedModel | None, device: str) -> dict:
+    """What this run expects of existing stamps; the dtype is judged only when --dtype was given
+    ("auto" differs between a GPU and a CPU box, and resuming elsewhere should not redo a dataset)."""
+    from prep.models import resolve_dtype
+
+    dtype = None if opts.dtype == "auto" else str(resolve_dtype(opts.dtype, device))
+    fields = stage_config(stage, opts, model, dtype)
+    if fields.get("revision") == "unknown":
+        fields["revision"] = None
+    return fields
+
+
+def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
+    """One stage on every rank: filter its stride -> load -> map -> unload -> fold (main rank)."""
+    from prep.passes import AsyncWriter, PassContext, run_pass_on_shard
+    from prep.progress import progress
 
     device = device_for(opts, state)
-    plan = NeedsPlan(opts, expected_config(kind, opts, device))
-    manifest = read_manifest(opts.manifest)
-    todo = manifest.to_dataset().filter(
-        functools.partial(NEEDS[kind], plan=plan),
-        batched=True,
-        batch_size=10_000,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        new_fingerprint=fresh_fingerprint(f"needs-{kind}"),
-        desc=f"needs_{kind}" if state.is_main_process else None,
+    model = models.get(stage.name)
+    yard = Yardstick(
+        derived_dir=opts.derived_dir,
+        expected=provenance.Expected({stage.name: expected_config(stage, opts, model, device)}),
+        keep_stale=opts.keep_stale,
+        recaption=opts.recaption,
+        redo=read_redo(opts.derived_dir),
     )
+    manifest = read_manifest(opts.manifest)
+    dataset = manifest.to_dataset()
+    if state.num_processes > 1:
+        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
+    todo, work = plan_stage(dataset, stage, yard)
     del manifest
-    state.wait_for_everyone()  # every rank has decided the work before anyone writes
-    shard = todo.shard(state.num_processes, state.process_index, contiguous=True)
-    if state.is_main_process:
-        stale = (
-            f", {len(plan.stale)} stale{' (kept: --keep-stale)' if opts.keep_stale else ''}"
-            if plan.stale
-            else ""
+    journal_ = journal.Journal(opts.manifest, state.process_index)
+    if work.refreshed:
+        journal_.append(
+            {"image_id": row_id, f"provenance.{stage.name}.file": stamp}
+            for row_id, stamp in _ids_of(todo_source=dataset, refreshed=work.refreshed)
         )
-        logger.info("%s: %d records need work%s (%d on this rank)", kind, len(todo), stale, len(shard))
-    stats = PassStats(kind, records=len(shard))
-    if len(shard):
+    total = sum(_gather(state, len(todo)))
+    if state.is_main_process and (total or work.stale):
+        stale = sum(1 for why in work.stale.values() if why.startswith("stale"))
+        kept = " (kept: --keep-stale)" if opts.keep_stale and stale else ""
+        logger.info("%s: %d records need work%s%s", stage.name, total, f", {stale} stale" if stale else "", kept)
+    stats = PassStats(stage.name, records=len(todo))
+    metadata_updates: dict = {}
+    if len(todo):
         started = time.perf_counter()
-        encoder = load_encoder(kind, opts, device)
+        encoder = stage.load(model, device=device, dtype=opts.dtype, opts=opts)
         stats.load_seconds = time.perf_counter() - started
-        stamp_base = config_fields(kind, opts, str(encoder.dtype))
-        record_models_used(kind, encoder, opts, stamp_base)
+        config = stage_config(stage, opts, model, str(encoder.dtype))
+        metadata_updates = models_used(stage, model, encoder, config)
         ctx = PassContext(
-            kind=kind,
-            opts=opts,
-            encoder=encoder,
-            journal=journal.Journal(opts.manifest, state.process_index),
-            writer=AsyncWriter(),
-            tally=tally,
-            is_main=state.is_main_process,
-            stamp_base=stamp_base,
-            stale=plan.stale,
+            stage=stage, opts=opts, encoder=encoder, journal=journal_, writer=AsyncWriter(), tally=tally,
+            is_main=state.is_main_process, config=config, stale=work.stale,
         )
+        ctx.bar = progress(total=len(todo), desc=stage.name, unit="img" if stage.reads != "caption" else "caption")
         try:
-            if not state.is_main_process:
-                datasets.disable_progress_bars()
             encode_started = time.perf_counter()
-            run_pass_on_shard(ctx, shard)
+            run_pass_on_shard(ctx, todo, device=device)
             ctx.writer.drain()
             stats.encode_seconds = time.perf_counter() - encode_started
             stats.model_seconds = ctx.model_seconds
         finally:
+            ctx.bar.close()
             ctx.writer.close()
-            ctx.journal.close()
             encoder.unload()
             del encoder, ctx.encoder
             free_memory()
         elapsed = time.perf_counter() - started
         logger.info(
             "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
-            kind,
-            state.process_index,
-            len(shard),
-            elapsed,
-            len(shard) / max(elapsed, 1e-9),
-            stats.load_seconds,
-            100 * stats.model_share,
+            stage.name, state.process_index, len(todo), elapsed, len(todo) / max(elapsed, 1e-9),
+            stats.load_seconds, 100 * stats.model_share,
         )
+    journal_.close()
+    updates = _gather(state, metadata_updates)
     state.wait_for_everyone()
     if state.is_main_process:
+        record_models_used(opts, updates)
         journal.merge_into_manifest(opts.manifest)
         journal.clear(opts.manifest)
     state.wait_for_everyone()
     return stats
+
+
+def _ids_of(*, todo_source, refreshed: dict[int, dict]):
+    """(image_id, new file stamp) for refreshed rows (same bytes, new mtime)."""
+    rows = set(refreshed)
+    for row, image_id in zip(todo_source["row"], todo_source["image_id"], strict=True):
+        if row in rows:
+            yield image_id, refreshed[row]
+
+
+def _gather(state, value) -> list:
+    """Every rank's `value` (a collective: only between passes)."""
+    if state.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def models_used(stage, model: ResolvedModel | None, encoder, config: dict) -> dict:
+    """What prep_metadata.json records about the model that ran (and the latent convention)."""
+    if model is None:
+        return {}
+    updates = {"models": {stage.name: {"model_id": model.source, "revision": model.revision,
+                                       "dtype": config.get("dtype")}}}
+    if hasattr(encoder, "convention"):
+        updates[stage.name] = encoder.convention()
+    return updates
+
+
+def record_models_used(opts: RunOptions, updates: list[dict]) -> None:
+    """Main rank: merge what each rank's pass recorded into prep_metadata.json."""
+    metadata = store.read_metadata(opts.derived_dir)
+    merged: dict = {}
+    for update in updates:
+        for key, value in (update or {}).items():
+            if key == "models":
+                merged.setdefault("models", dict(metadata.get("models", {}))).update(value)
+            else:
+                merged[key] = value
+    if merged and any(metadata.get(key) != value for key, value in merged.items()):
+        store.update_metadata(opts.derived_dir, merged)
 
 
 def free_memory() -> None:
@@ -393,43 +365,7 @@ def free_memory() -> None:
 
 def device_for(opts: RunOptions, state) -> str:
     """--device auto follows Accelerate (one GPU per rank); an explicit device wins."""
-    return str(state.device) if opts.models.device == "auto" else opts.models.device
-
-
-def record_models_used(kind: str, encoder, opts: RunOptions, stamp_base: dict) -> None:
-    """Write which model made which artifact (and the latent convention) to prep_metadata.json."""
-    entry = {
-        "model_id": model_id_of(kind, opts),
-        "revision": stamp_base["revision"],
-        "dtype": stamp_base["dtype"],
-    }
-    updates: dict = {"buckets": [format_bucket(w, h) for w, h in opts.buckets]}
-    metadata = store.read_metadata(opts.output_base_dir)
-    models = dict(metadata.get("models", {}))
-    models[kind] = entry
-    updates["models"] = models
-    if kind == "vae":
-        updates["vae"] = encoder.convention()
-    if any(metadata.get(key) != value for key, value in updates.items()):
-        store.update_metadata(opts.output_base_dir, updates)
-
-
-def lock_manifest(manifest: Path):
-    """Hold `<manifest>.lock` for the run: two jobs on one manifest would race its rewrites.
-
-    An flock is released by the kernel when its holder dies, so a killed run never leaves a
-    stale lock behind; the (empty) lock file itself may stay.
-    """
-    import fcntl
-
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(manifest.with_name(manifest.name + ".lock"), "a")  # noqa: SIM115 - held for the run
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunError(f"another prep run is using {manifest} (its lock {handle.name} is held)") from None
-    return handle
+    return str(state.device) if opts.device == "auto" else opts.device
 
 
 def make_state(opts: RunOptions):
@@ -437,18 +373,33 @@ def make_state(opts: RunOptions):
     import torch
     from accelerate import PartialState
 
-    cpu = not torch.cuda.is_available() or opts.models.device == "cpu"
+    cpu = not torch.cuda.is_available() or opts.device == "cpu"
     return PartialState(cpu=cpu)
+
+
+def exit_with_launcher() -> None:
+    """A rank started by a launcher exits when the launcher dies (kill -9 of `accelerate launch`):
+    an orphaned rank would hold the dataset's locks and wait forever at the next barrier."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                logger.error("the launcher (pid %d) is gone: exiting", parent)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="prep-parent-watch", daemon=True).start()
 
 
 def gather_tallies(state, tally: Tally) -> Tally:
     """Merge every rank's tally on the main rank (one collective, at the very end)."""
     if state.num_processes == 1:
         return tally
-    from accelerate.utils import gather_object
-
     merged = Tally()
-    for item in gather_object([tally]):
+    for item in _gather(state, tally):
         merged.merge(item)
     return merged
 
@@ -465,37 +416,53 @@ class RunSummary:
 
 def run_job(opts: RunOptions) -> RunSummary:
     """The main job; every rank calls it. Counts are complete on the main rank only."""
+    from prep.models import quiet_libraries
+
+    quiet_libraries()
     check_inputs(opts)
     state = make_state(opts)
+    exit_with_launcher()
     started = time.perf_counter()
+    with state.main_process_first():
+        models = resolve_models(opts)
     tally = Tally()
-    lock = lock_manifest(opts.manifest) if state.is_main_process else None
+    locks = None
     if state.is_main_process:
-        prepare_manifest(opts, tally)
-    state.wait_for_everyone()
-    passes = [
-        run_encoder_pass(kind, opts, state, tally) for kind in opts.selected_passes() if kind != "migrate"
-    ]
-    merged = gather_tallies(state, tally)
-    code, counts = 0, {}
-    if state.is_main_process:
-        counts = merged.counts(len(read_manifest(opts.manifest)))
-        elapsed = time.perf_counter() - started
-        print(progress_line(counts, (counts["total"] - counts["skipped"]) / max(elapsed, 1e-9)), flush=True)
-        if line := refreshed_line(merged):
-            print(line, flush=True)
-        if merged.unreadable:
-            print(f"scan: {merged.unreadable} unreadable files skipped (see warnings above)", flush=True)
-        if opts.verify:
-            from prep.verify import print_report, verify_manifest
-
-            report = verify_manifest(opts.manifest, opts.output_base_dir)
-            print_report(report)
-            code = 0 if report.ok else 1
-    state.wait_for_everyone()
-    if lock is not None:
-        lock.close()
+        locks = take_locks(opts)
+    try:
+        if state.is_main_process:
+            bind_derived_dir(opts)
+            prepare(opts, tally)
+        state.wait_for_everyone()
+        passes = [run_stage(stage, opts, state, models, tally) for stage in opts.selected_stages()]
+        merged = gather_tallies(state, tally)
+        code, counts = 0, {}
+        if state.is_main_process:
+            counts = merged.counts(len(read_manifest(opts.manifest)))
+            report(opts, merged, counts, time.perf_counter() - started)
+            if opts.verify:
+                code = verify_after_run(opts)
+        state.wait_for_everyone()
+    finally:
+        if locks is not None:
+            locks.release()
     return RunSummary(counts, passes, time.perf_counter() - started, code)
+
+
+def report(opts: RunOptions, tally: Tally, counts: dict, elapsed: float) -> None:
+    print(progress_line(counts, (counts["total"] - counts["skipped"]) / max(elapsed, 1e-9)), flush=True)
+    if line := refreshed_line(tally):
+        print(line, flush=True)
+    if tally.unreadable:
+        print(f"scan: {tally.unreadable} unreadable files skipped (see warnings above)", flush=True)
+
+
+def verify_after_run(opts: RunOptions) -> int:
+    from prep.verify import print_report, verify_manifest
+
+    result = verify_manifest(opts.manifest, opts.derived_dir)
+    print_report(result)
+    return 0 if result.ok else 1
 
 
 def run(opts: RunOptions) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+from prep.fsio import NotARegularFile, open_regular
+
 # Pillow's own default (about 89.5 MP). Checked here explicitly so a library that sets
 # Image.MAX_IMAGE_PIXELS = None elsewhere in the process cannot switch bomb protection off.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -157,7 +159,7 @@ def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with open_regular(path) as f, Image.open(f) as opened:
                 _reject_bomb(opened.size)
                 _select_first_frame(opened)
                 original_size = _upright_size(opened)
@@ -166,6 +168,8 @@ def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
                 return _Decoded(_to_rgb8(ImageOps.exif_transpose(opened)), original_size, scale)
     except ImageDecodeError:
         raise
+    except NotARegularFile as exc:
+        raise ImageDecodeError(str(exc)) from exc
     except _PILLOW_ERRORS as exc:
         raise ImageDecodeError(_reason(exc)) from exc
 

@@ -1,15 +1,19 @@
-"""Provenance: every artifact records what made it, so a stale one is never served.
+"""Provenance: every artifact records what made it and which file it is, so no foreign, stale or
+tampered array is ever served.
 
-A record carries `image_fingerprint` ({size, mtime_ns, sha256} of its image file) and
-`provenance` = {kind: stamp} for caption, t5, dinov3 and vae. A stamp names the model id
-and resolved revision, the dtype, the preprocessing that matters (bucket and crop box for
-the VAE, input size for DINOv3, max_length for T5, prompt and max_new_tokens for captions),
-the code's format version and a fingerprint of the input (the image's sha256; for T5 the
-caption's sha256).
+A record carries `image_fingerprint` ({size, mtime_ns, sha256} of its image) and `provenance`
+= {stage: stamp}. A stamp made by `prep` names the configuration (model id, resolved revision,
+dtype, the stage's settings such as max_length or the prompt's hash), the input it was made
+from (`image_sha256`, or `caption_sha256` for T5; the bucket and crop box for the VAE) and the
+side file it vouches for: `file` = {size, mtime_ns, sha256} of the bytes written. The file
+stamp is what makes an artifact belong to its record: a file written by another job, copied
+in from elsewhere or edited after the fact no longer matches, and is recomputed.
 
-An artifact is then `fresh`, `stale: <why>` (its inputs or the configuration changed) or
-`unknown` (made before provenance existed). Size + mtime are a fast pre-check: a file is
-hashed only when those change, so a run with nothing changed hashes nothing.
+An artifact is then `fresh`, `stale: <why>` or `unknown`. `unknown` is reserved for artifacts
+an older manifest's own records vouch for (`origin: legacy` or `migrated`: made before `prep`
+stamped anything); a record `prep` created (`provenance: {}` from the scan) vouches for
+nothing it has not stamped. Size + mtime are a fast pre-check: a file is hashed only when
+they change.
 """
 
 from __future__ import annotations
@@ -19,23 +23,31 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROVENANCE_FORMAT = 1
+from prep.fsio import sha256_file
+
+PROVENANCE_FORMAT = 2
 FRESH, UNKNOWN = "fresh", "unknown"
-KINDS = ("caption", "t5", "dinov3", "vae")
-IMAGE_KINDS = ("caption", "dinov3", "vae")
-_CHUNK = 1 << 20
+LEGACY_ORIGINS = frozenset({"legacy", "migrated"})
+# Stamp keys that describe the input or the file, not the configuration.
+INPUT_KEYS = frozenset(
+    {"image_sha256", "caption_sha256", "bucket", "crop_box", "input_size", "file", "source", "text_sha256",
+     "origin", "format"}
+)  # fmt: skip
+CAPTION = "caption"
+USER_SOURCES = frozenset({"sidecar", "user", "metadata", "filename", "instance_prompt", "dataset", "webdataset"})
 
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = [
+    "FRESH", "PROVENANCE_FORMAT", "UNKNOWN", "Expected", "artifact_status", "config_of", "config_stale_reason",
+    "file_stamp", "file_state", "fingerprint", "is_stale", "unvouched_reason", "refresh_fingerprint", "sha256_file", "text_sha256",
+]  # fmt: skip
 
 
 def text_sha256(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def fingerprint(path: str | Path) -> dict:
@@ -51,7 +63,7 @@ def refresh_fingerprint(path: str | Path, previous: dict | None) -> dict | None:
     """
     try:
         stat = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     if (
         isinstance(previous, dict)
@@ -63,11 +75,49 @@ def refresh_fingerprint(path: str | Path, previous: dict | None) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
 
 
+# ------------------------------------------------------------------------------ file stamps
+def file_stamp(data: bytes, stat: os.stat_result) -> dict:
+    """What a stamp records of the side file it vouches for."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": bytes_sha256(data)}
+
+
+MATCH, MOVED, CHANGED, GONE = "match", "moved", "changed", "gone"
+
+
+def file_state(path: str | Path, stamped: dict | None) -> tuple[str, dict | None]:
+    """Does the file at `path` hold the bytes `stamped` vouches for?
+
+    (MATCH, None): size and mtime as stamped. (MOVED, new stamp): same bytes with another
+    mtime (a copy that did not keep times): the stamp should be refreshed. (CHANGED, None):
+    other bytes, or no stamp. (GONE, None): no regular file there.
+    """
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return GONE, None
+    if not os.path.isfile(path):
+        return GONE, None
+    if not isinstance(stamped, dict):
+        return CHANGED, None
+    if stat.st_size != stamped.get("size"):
+        return CHANGED, None
+    if stat.st_mtime_ns == stamped.get("mtime_ns"):
+        return MATCH, None
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        return GONE, None
+    if digest != stamped.get("sha256"):
+        return CHANGED, None
+    return MOVED, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+
+
+# -------------------------------------------------------------------------- configuration
 @dataclass
 class Expected:
-    """What the current configuration expects of each kind's stamp (fields that must match).
+    """What the current configuration expects of each stage's stamp (fields that must match).
 
-    A value of None (e.g. an unresolvable Hub revision, or dtype "auto") is not judged.
+    A value of None (an unresolvable Hub revision, or dtype "auto") is not judged.
     """
 
     by_kind: dict[str, dict] = field(default_factory=dict)
@@ -76,12 +126,23 @@ class Expected:
         return self.by_kind.get(kind, {})
 
 
-def stamp_matches(stamp: dict, expected: dict) -> str | None:
-    """The first configuration field that differs, or None."""
+def config_of(stamp: dict) -> dict:
+    """The configuration part of a stamp (what `Expected` is compared with)."""
+    return {key: value for key, value in stamp.items() if key not in INPUT_KEYS}
+
+
+def config_stale_reason(config: dict, expected: dict) -> str | None:
+    """The first configuration field that differs, or None.
+
+    A revision both sides know decides alone (the same checkpoint under another path or id is
+    the same model); otherwise the model id is compared.
+    """
+    have_rev, want_rev = config.get("revision"), expected.get("revision")
+    revisions_known = have_rev not in (None, "unknown") and want_rev not in (None, "unknown")
     for key, want in expected.items():
-        if want is None:
+        if want is None or (key == "model_id" and revisions_known):
             continue
-        have = stamp.get(key)
+        have = config.get(key)
         if have is None or have == "unknown":
             continue
         if have != want:
@@ -89,43 +150,91 @@ def stamp_matches(stamp: dict, expected: dict) -> str | None:
     return None
 
 
-def artifact_status(kind: str, record: dict, expected: Expected | None = None) -> str:
-    """FRESH, UNKNOWN or "stale: <why>" for one artifact of one record (its file is not checked here)."""
+def is_stale(status: str) -> bool:
+    return status.startswith("stale")
+
+
+def stamp_of(record: dict, kind: str) -> dict | None:
     provenance = record.get("provenance")
     stamp = provenance.get(kind) if isinstance(provenance, dict) else None
-    if not isinstance(stamp, dict):
-        return UNKNOWN
-    if kind == "caption":
-        return caption_status(stamp, record, expected)
-    if stamp.get("format") != PROVENANCE_FORMAT:
-        return f"stale: format {stamp.get('format')} != {PROVENANCE_FORMAT}"
-    if kind in IMAGE_KINDS:
+    return stamp if isinstance(stamp, dict) else None
+
+
+def inputs_stale_reason(kind: str, stamp: dict, record: dict, reads_caption: bool) -> str | None:
+    """Why the stamp's inputs no longer match the record (image edited, caption edited, bucket moved)."""
+    if reads_caption:
+        want = stamp.get("caption_sha256")
+        if want is not None and want != text_sha256(record.get("caption")):
+            return "caption changed"
+    else:
         image_sha = (record.get("image_fingerprint") or {}).get("sha256")
         if image_sha and stamp.get("image_sha256") and image_sha != stamp["image_sha256"]:
-            return "stale: image changed"
-    if kind == "vae" and stamp.get("bucket") != record.get("aspect_bucket"):
-        return f"stale: bucket changed ({stamp.get('bucket')} -> {record.get('aspect_bucket')})"
-    if kind == "t5" and stamp.get("caption_sha256") != text_sha256(record.get("caption")):
-        return "stale: caption changed"
-    reason = stamp_matches(stamp, expected.get(kind) if expected else {})
+            return "image changed"
+    if "bucket" in stamp and stamp.get("bucket") != record.get("aspect_bucket"):
+        return f"bucket changed ({stamp.get('bucket')} -> {record.get('aspect_bucket')})"
+    return None
+
+
+def unvouched_reason(kind: str, record: dict, path: str | Path | None = None) -> str | None:
+    """Why the record does not vouch for its `kind` artifact (None: it does).
+
+    A record `prep` made (it has a `provenance` field) vouches only for files it stamped: no
+    stamp means the file was not made for it, and with `path` the file must be the one its
+    stamp describes (not written by another job, copied in or edited). A record of an older
+    manifest (no `provenance` field at all) vouches for the files at its id, unchecked
+    (provenance `unknown`); so do stamps of the first format, which had no file stamp.
+    """
+    if "provenance" not in record:
+        return None
+    stamp = stamp_of(record, kind)
+    if stamp is None:
+        return "not made for this record (no stamp)"
+    if stamp.get("format") != PROVENANCE_FORMAT or path is None:
+        return None
+    if file_state(path, stamp.get("file"))[0] == CHANGED:
+        return "file is not the one its record stamped"
+    return None
+
+
+def artifact_status(
+    kind: str, record: dict, expected: Expected | None = None, *, reads_caption: bool | None = None,
+    path: str | Path | None = None,
+) -> str:
+    """FRESH, UNKNOWN or "stale: <why>" for one artifact of one record.
+
+    With `path` (the side file), the file must also be the one the stamp vouches for.
+    """
+    if reads_caption is None:
+        reads_caption = kind == "t5"
+    if kind == CAPTION:
+        return caption_status(record, expected)
+    reason = unvouched_reason(kind, record, path)
+    if reason:
+        return f"stale: {reason}"
+    stamp = stamp_of(record, kind)
+    if stamp is None:
+        return UNKNOWN  # a record of an older manifest, before provenance
+    reason = inputs_stale_reason(kind, stamp, record, reads_caption)
+    if reason:
+        return f"stale: {reason}"
+    if stamp.get("origin") in LEGACY_ORIGINS:
+        return UNKNOWN
+    reason = config_stale_reason(config_of(stamp), expected.get(kind) if expected else {})
     return f"stale: {reason}" if reason else FRESH
 
 
-def caption_status(stamp: dict, record: dict, expected: Expected | None) -> str:
+def caption_status(record: dict, expected: Expected | None) -> str:
     """A caption is stale only when a model wrote it and neither the user nor a sidecar touched it since."""
+    stamp = stamp_of(record, CAPTION) or {}
     if stamp.get("source") != "model":
-        return FRESH  # the user's caption (sidecar or hand-written): never regenerated
+        return FRESH  # the user's caption (sidecar, metadata, hand-written): never regenerated
     if stamp.get("text_sha256") != text_sha256(record.get("caption")):
         return FRESH  # edited by hand after generation: now the user's decision
     image_sha = (record.get("image_fingerprint") or {}).get("sha256")
     if image_sha and stamp.get("image_sha256") and image_sha != stamp["image_sha256"]:
         return "stale: image changed"
-    reason = stamp_matches(stamp, expected.get("caption") if expected else {})
+    reason = config_stale_reason(config_of(stamp), expected.get(CAPTION) if expected else {})
     return f"stale: {reason}" if reason else FRESH
-
-
-def is_stale(status: str) -> bool:
-    return status.startswith("stale")
 
 
 def expected_from_metadata(metadata: dict) -> Expected:
@@ -138,10 +247,3 @@ def expected_from_metadata(metadata: dict) -> Expected:
             if isinstance(entry, dict)
         }
     )
-
-
-def updated_provenance(record: dict, kind: str, stamp: dict) -> dict:
-    """The record's provenance dict with `kind` replaced (a new dict; the record is not touched)."""
-    provenance = dict(record.get("provenance") or {})
-    provenance[kind] = stamp
-    return provenance

@@ -48,8 +48,11 @@ def has_caption(record: dict) -> bool:
     return isinstance(caption, str) and caption.strip() != ""
 
 
+MAX_SIDE = 1 << 31  # no real image is wider; larger values are garbage (and overflow Arrow int32 users)
+
+
 def _is_positive_int(value: Any) -> bool:
-    return type(value) is int and value > 0
+    return type(value) is int and 0 < value < MAX_SIDE
 
 
 def validate_record(record: Any) -> list[str]:
@@ -136,7 +139,11 @@ def to_v2(record: dict, *, image_id: str, width: int, height: int, aspect_bucket
 
 
 def new_record(*, image_id: str, image_path: str, width: int, height: int, aspect_bucket: str) -> dict:
-    """A fresh v2 record from the scan; caption and mask come later from the encoder passes."""
+    """A fresh v2 record from the scan; caption and mask come later from the encoder passes.
+
+    `provenance` starts empty: a record `prep` created vouches only for what it stamped, so an
+    old file that happens to sit at its id in the derived dir is never adopted.
+    """
     return {
         "image_id": image_id,
         "image_path": image_path,
@@ -144,4 +151,5 @@ def new_record(*, image_id: str, image_path: str, width: int, height: int, aspec
         "width": width,
         "aspect_bucket": aspect_bucket,
         "format_version": FORMAT_VERSION,
+        "provenance": {},
     }

@@ -100,7 +100,7 @@ class LatentDecoder:
         scaling_factor: float | None = None,
     ) -> LatentDecoder:
         """Load the VAE the way the encoder pass does; factors default to the VAE's own config."""
-        from prep.encoders.vae import VAEEncoder
+        from prep.stages.vae import VAEEncoder
 
         encoder = VAEEncoder.load(model_id, subfolder=subfolder, device=device, dtype=dtype)
         return cls(
@@ -193,13 +193,12 @@ def latent_problem(record: dict, base: Path) -> tuple[np.ndarray | None, str | N
     except (KeyError, ValueError, TypeError):
         return None, f"bad aspect_bucket {record.get('aspect_bucket')!r}"
     path = store.artifact_path(base, "vae", image_id)
-    if not path.exists():
+    try:
+        latent = store.read_npy(path, shape)  # header and size checked before any data is read
+    except FileNotFoundError:
         return None, "latent missing"
-    latent = store.load_npy(path)
-    if latent is None:
-        return None, "latent unreadable"
-    if tuple(latent.shape) != shape:
-        return None, f"latent shape {tuple(latent.shape)} != {shape}"
+    except store.BadArray as exc:
+        return None, f"latent {exc}" if "shape" in str(exc) else f"latent unreadable ({exc})"
     if not np.issubdtype(latent.dtype, np.floating):
         return None, f"latent dtype {latent.dtype} is not floating point"
     finite = np.isfinite(latent)
@@ -280,7 +279,7 @@ class DatasetStats:
     rejected_now: int = 0  # lines the manifest reader sets aside today
     rejected_saved: int = 0  # lines earlier rewrites moved to <manifest>.rejected.jsonl
     rejected_examples: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), first few
-    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.ARTIFACTS})
+    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.file_artifacts()})
     buckets: Counter = field(default_factory=Counter)
     megapixels: list[float] = field(default_factory=list)
     caption_words: list[int] = field(default_factory=list)
@@ -393,7 +392,7 @@ def count_tokens(captions: list[str], tokenizer_id: str | None, stats: DatasetSt
         return
     stats.tokenizer_id = tokenizer_id
     try:
-        from prep.encoders.t5 import T5Encoder
+        from prep.stages.t5 import T5Encoder
 
         tokenizer = T5Encoder.load_tokenizer_only(tokenizer_id).tokenizer
         tokenizer.model_max_length = 1 << 30  # counting, not encoding: no "longer than maximum" warning
@@ -727,7 +726,7 @@ def build_report(
         sampled, base, decoder=decoder, decode_note=decode_note, manifest_path=manifest_path, progress=progress
     )
     if decoder is not None:
-        from prep.encoders.common import free_model
+        from prep.models import free_model
 
         free_model(decoder.vae)
 

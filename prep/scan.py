@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from prep.config import IMAGE_EXTENSIONS
+from prep.fsio import NotARegularFile, open_regular
 from prep.preprocess import MAX_IMAGE_PIXELS
 from prep.records import is_safe_id
 
@@ -67,7 +68,7 @@ def _looks_truncated(path: Path, image_format: str | None) -> bool:
     """Cheap truncation check without decoding: a JPEG must end with EOI, a PNG must verify."""
     if image_format == "JPEG":
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(max(0, size - 4096))
             if b"\xff\xd9" in f.read():
                 return False
@@ -76,7 +77,7 @@ def _looks_truncated(path: Path, image_format: str | None) -> bool:
             f.seek(0)
             return not _jpeg_has_eoi(f.read())
     if image_format == "PNG":
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
             img.verify()  # reads chunks and CRCs, decodes no pixels; raises if cut short
     return False
 
@@ -89,23 +90,24 @@ def read_image_header(path: str | Path) -> ImageHeader:
     except UnicodeEncodeError:  # a non-UTF-8 name (surrogate-escaped) cannot go into the JSON manifest
         return ImageHeader(path, error="file name is not valid UTF-8")
     try:
-        if path.stat().st_size == 0:
-            return ImageHeader(path, error="empty file")
-        with Image.open(path) as img:  # Pillow itself refuses > 2x its limit (DecompressionBombError)
-            width, height = img.size
-            image_format = img.format
-            # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
-            # image data; the header-only scan uses the eXIf read with the header (before IDAT).
-            pixels_needed = image_format == "PNG" and "exif" not in img.info
-            orientation = 1 if pixels_needed else img.getexif().get(EXIF_ORIENTATION, 1)
-        if width * height > MAX_IMAGE_PIXELS:  # the decoder's limit, so scan and decode agree
-            return ImageHeader(path, error=f"decompression bomb: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
-        if _looks_truncated(path, image_format):
-            return ImageHeader(path, error="truncated file")
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return ImageHeader(path, error="empty file")
+            header = _header_of(f)
+    except NotARegularFile:
+        return ImageHeader(path, error="not a regular file (FIFO, device or directory)")
     except Image.DecompressionBombError as exc:
         return ImageHeader(path, error=f"decompression bomb: {str(exc).split(' could')[0]}")
     except UnidentifiedImageError:
         return ImageHeader(path, error="not a recognised image")
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        return ImageHeader(path, error=f"unreadable: {exc}")
+    width, height, image_format, orientation = header
+    try:
+        if width * height > MAX_IMAGE_PIXELS:  # the decoder's limit, so scan and decode agree
+            return ImageHeader(path, error=f"decompression bomb: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+        if _looks_truncated(path, image_format):
+            return ImageHeader(path, error="truncated file")
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         return ImageHeader(path, error=f"unreadable: {exc}")
     if width <= 0 or height <= 0:
@@ -113,6 +115,18 @@ def read_image_header(path: str | Path) -> ImageHeader:
     if orientation in SWAPPING_ORIENTATIONS:
         width, height = height, width
     return ImageHeader(path, width=width, height=height)
+
+
+def _header_of(f) -> tuple[int, int, str | None, int]:
+    """(width, height, format, EXIF orientation) from an open file, decoding no pixels."""
+    with Image.open(f) as img:  # Pillow itself refuses > 2x its limit (DecompressionBombError)
+        width, height = img.size
+        image_format = img.format
+        # Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the
+        # image data; the header-only scan uses the eXIf read with the header (before IDAT).
+        pixels_needed = image_format == "PNG" and "exif" not in img.info
+        orientation = 1 if pixels_needed else img.getexif().get(EXIF_ORIENTATION, 1)
+    return width, height, image_format, orientation
 
 
 def read_headers(paths: Iterable[Path], workers: int = 8) -> Iterator[ImageHeader]:

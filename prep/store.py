@@ -1,50 +1,39 @@
-"""Side files: where each array lives, how it is written (atomically) and checked.
+"""Side files: where each array lives, how it is written (atomically) and read (safely).
 
-Layout under the output base dir: `dinov3/{id}.npy`, `vae_latents/{id}.npy`,
-`t5_hidden/{id}.npy`, plus `prep_metadata.json` (the latent convention). This module is
-the one place that decides whether an artifact is valid, so verify, the encoder passes'
-`needs_*` filters and the exporter all agree.
+Layout under the derived dir: one folder per artifact of the stage registry (`dinov3/`,
+`vae_latents/`, `t5_hidden/`), each holding `{image_id}.npy`, plus `prep_metadata.json`.
+This module is the one place that decides whether a file is a valid array for its record,
+so verify, the passes' `needs` filters, the exporter and the loaders all agree:
+
+- a `.npy` header is parsed (bounded) and compared with the shape and dtype the record
+  expects and with the file's size *before* any data is read, so a 4 KB file claiming a
+  298 GiB shape allocates nothing; Fortran order, object dtypes and pickles are invalid;
+- with `read_data`, values must be finite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
+import secrets
 import tokenize
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prep.buckets import latent_shape
-from prep.config import DINOV3_DIM, T5_HIDDEN_DIM, T5_MAX_LENGTH, VAE_DOWNSCALE, VAE_LATENT_CHANNELS
-from prep.fsio import atomic_open, atomic_write_text, sweep_temp_files
-from prep.provenance import Expected, artifact_status, is_stale
+from prep.fsio import atomic_open, atomic_write_text, fsync_dir, sweep_temp_files
 from prep.records import is_safe_id, validate_record
 
 METADATA_FILE = "prep_metadata.json"
+LOCK_FILE = ".prep.lock"
+MAX_NPY_HEADER = 1 << 16  # numpy writes a few hundred bytes; a longer header is hostile
 # What numpy raises on a bad .npy: a malformed header dict fails in its tokenizer or
 # literal_eval (SyntaxError, TokenError), not only with ValueError.
-_BAD_NPY = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError)
-
-
-@dataclass(frozen=True)
-class ArtifactSpec:
-    """One kind of side file: its folder and on-disk dtype."""
-
-    kind: str
-    folder: str
-    dtype: np.dtype
-
-
-ARTIFACTS: dict[str, ArtifactSpec] = {
-    "dinov3": ArtifactSpec("dinov3", "dinov3", np.dtype(np.float32)),
-    "vae": ArtifactSpec("vae", "vae_latents", np.dtype(np.float16)),
-    "t5": ArtifactSpec("t5", "t5_hidden", np.dtype(np.float16)),
-}
+_BAD_NPY = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, MemoryError, OverflowError)
 
 VALID, MISSING = "valid", "missing"
 
@@ -53,77 +42,122 @@ class UnsafeIdError(ValueError):
     """An image_id that could escape the output directory or break a WebDataset key."""
 
 
+class BadArray(ValueError):
+    """A .npy that is not a plain array of the expected shape and dtype; the message says why."""
+
+
+# --------------------------------------------------------------------------- the table
+def file_artifacts() -> dict:
+    """{kind: Artifact} of the side files, from the stage registry."""
+    from prep import stages
+
+    return stages.file_artifacts()
+
+
+def artifact_spec(kind: str):
+    return file_artifacts()[kind]
+
+
 def expected_shape(kind: str, record: dict) -> tuple[int, ...]:
     """The shape a valid artifact of `kind` has for `record` (the VAE's depends on its bucket)."""
-    if kind == "dinov3":
-        return (DINOV3_DIM,)
-    if kind == "t5":
-        return (T5_MAX_LENGTH, T5_HIDDEN_DIM)
-    if kind == "vae":
-        return latent_shape(record["aspect_bucket"], VAE_LATENT_CHANNELS, VAE_DOWNSCALE)
-    raise KeyError(kind)
+    from prep import stages
+
+    return stages.artifacts()[kind].shape_for(record)
 
 
 def artifact_dir(base: str | Path, kind: str) -> Path:
-    return Path(base) / ARTIFACTS[kind].folder
+    return Path(base) / artifact_spec(kind).folder
 
 
 def artifact_path(base: str | Path, kind: str, image_id: Any) -> Path:
     """`base/<folder>/<image_id>.npy`, refusing any id that is not a safe token."""
     if not is_safe_id(image_id):
-        raise UnsafeIdError(f"unsafe image_id {image_id!r}: only [A-Za-z0-9_-], 1-100 characters")
+        raise UnsafeIdError(f"unsafe image_id {str(image_id)[:120]!r}: only [A-Za-z0-9_-], 1-100 characters")
     return artifact_dir(base, kind) / f"{image_id}.npy"
 
 
 def ensure_dirs(base: str | Path) -> None:
-    """Create the three artifact folders (and the base)."""
-    for kind in ARTIFACTS:
+    """Create the artifact folders (and the base)."""
+    for kind in file_artifacts():
         artifact_dir(base, kind).mkdir(parents=True, exist_ok=True)
 
 
 def sweep_stray_temp_files(base: str | Path) -> int:
     """Delete temp files a killed run left in the artifact folders; return the count."""
-    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in ARTIFACTS)
+    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts())
+
+
+# ------------------------------------------------------------------------------ writing
+def npy_bytes(array: np.ndarray, dtype: np.dtype | str) -> bytes:
+    """The .npy file content of `array` cast to `dtype` (C order, no pickle)."""
+    data = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+    if data.dtype.hasobject:
+        raise TypeError("refusing to save an object array")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, data, allow_pickle=False)
+    return buf.getvalue()
 
 
 def save_npy(array: np.ndarray, path: str | Path, dtype: np.dtype | str) -> None:
     """Write `array` cast to `dtype` as .npy, atomically; object arrays are refused."""
-    data = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
-    if data.dtype.hasobject:
-        raise TypeError("refusing to save an object array")
+    data = npy_bytes(array, dtype)
+    clear_the_way(Path(path))
     with atomic_open(path, "wb") as f:
-        np.lib.format.write_array(_PythonWrites(f), data, allow_pickle=False)
-
-
-class _PythonWrites:
-    """A file seen through its `write` only, so numpy writes with Python's write, not C fwrite.
-
-    numpy's fast path for real files reports a short write (full disk) as "78848 requested
-    and 36800 written", without the errno; Python's write raises "[Errno 28] No space left
-    on device", which the CLI prints as its one-line error.
-    """
-
-    def __init__(self, f):
-        self.write = f.write
+        f.write(data)
 
 
 def save_artifact(base: str | Path, kind: str, image_id: str, array: np.ndarray) -> Path:
     """Save one artifact in its on-disk dtype; returns the path."""
     path = artifact_path(base, kind, image_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_npy(array, path, ARTIFACTS[kind].dtype)
+    save_npy(array, path, artifact_spec(kind).dtype)
     return path
 
 
-def load_npy(path: str | Path) -> np.ndarray | None:
-    """The array, or None when the file is missing, truncated, pickled or otherwise unreadable."""
+def clear_the_way(path: Path) -> None:
+    """A directory where a side file belongs is moved aside (never deleted), so the file can be written."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f"{path.name}.not-a-file-{secrets.token_hex(4)}")
+        os.replace(path, aside)
+        import logging
+
+        logging.getLogger(__name__).warning("moved the directory %s aside to %s: a side file belongs there", path, aside)
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """Write `data` durably to a temp file beside `path` (the caller renames it into place)."""
+    from prep.fsio import TMP_MARK
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_MARK}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with open(path, "rb") as f:  # the .npy format only: np.load would also open .npz archives
-            return np.lib.format.read_array(f, allow_pickle=False)
-    except _BAD_NPY:
-        return None
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a written temp file into place (the directory entry is made durable by the caller)."""
+    clear_the_way(path)
+    os.replace(tmp, path)
+
+
+def fsync_dirs(paths) -> None:
+    for directory in {Path(p).parent for p in paths}:
+        fsync_dir(directory)
+
+
+# ------------------------------------------------------------------------------ reading
 @functools.lru_cache(maxsize=256)
 def _parse_npy_header(prefix: bytes, header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """numpy's own header parser, cached: files of one kind and bucket share one header, and
@@ -131,77 +165,141 @@ def _parse_npy_header(prefix: bytes, header: bytes) -> tuple[tuple[int, ...], bo
     f = io.BytesIO(prefix + header)
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    return tuple(shape), fortran, dtype
+    shape, fortran, dtype = read(f, max_header_size=MAX_NPY_HEADER)
+    return tuple(int(n) for n in shape), fortran, dtype
 
 
-def _npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
-    """(shape, dtype) or None (unreadable, pickled, Fortran order or truncated payload).
-
-    Raises FileNotFoundError for a missing file, so callers can tell missing from broken.
-    """
-    with open(path, "rb") as f:
-        first = f.read(12)
-        if len(first) < 10 or not first.startswith(b"\x93NUMPY"):
-            return None
-        if first[6] == 1:  # version 1: 2-byte header length
-            prefix, header_len = first[:10], int.from_bytes(first[8:10], "little")
-            header = first[10:] + f.read(max(0, header_len - len(first[10:])))
-        else:  # versions 2 and 3: 4-byte header length
-            prefix, header_len = first, int.from_bytes(first[8:12], "little")
-            header = f.read(header_len)
-        if len(header) != header_len:
-            return None
-        size = os.fstat(f.fileno()).st_size
+def parse_npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) from the first bytes of a .npy; BadArray if it is not a
+    plain C-order array (pickled objects and Fortran order included)."""
+    if len(head) < 10 or not head.startswith(b"\x93NUMPY"):
+        raise BadArray("not a .npy file")
+    if head[6] == 1:
+        prefix, header_len = head[:10], int.from_bytes(head[8:10], "little")
+    elif head[6] in (2, 3) and len(head) >= 12:
+        prefix, header_len = head[:12], int.from_bytes(head[8:12], "little")
+    else:
+        raise BadArray(f"unsupported .npy version {head[6]}")
+    if header_len > MAX_NPY_HEADER:
+        raise BadArray("oversized .npy header")
+    end = len(prefix) + header_len
+    if len(head) < end:
+        raise BadArray("truncated .npy header")
     try:
-        shape, fortran, dtype = _parse_npy_header(prefix, header)
-    except _BAD_NPY:
+        shape, fortran, dtype = _parse_npy_header(prefix, head[len(prefix) : end])
+    except _BAD_NPY as exc:
+        raise BadArray(f"bad .npy header ({type(exc).__name__})") from None
+    if dtype.hasobject:
+        raise BadArray("object array (pickle) refused")
+    if fortran and len(shape) > 1:
+        raise BadArray("Fortran-order array")
+    return shape, dtype, end
+
+
+def payload_size(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count * dtype.itemsize
+
+
+def check_npy_bytes_layout(
+    shape: tuple[int, ...], dtype: np.dtype, data_offset: int, total: int,
+    expect_shape: tuple[int, ...] | None, expect_dtype: np.dtype | None,
+) -> None:
+    """Shape and dtype as expected, and exactly header + payload bytes; BadArray otherwise."""
+    if expect_shape is not None and shape != tuple(expect_shape):
+        raise BadArray(f"shape {shape} != {tuple(expect_shape)}")
+    if expect_dtype is not None and dtype != np.dtype(expect_dtype):
+        raise BadArray(f"dtype {dtype} != {np.dtype(expect_dtype)}")
+    need = data_offset + payload_size(shape, dtype)
+    if total < need:
+        raise BadArray("truncated payload")
+    if total > need:
+        raise BadArray("trailing bytes after the array")
+
+
+def read_npy(
+    path: str | Path, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None, *, data: bool = True
+) -> np.ndarray | tuple[tuple[int, ...], np.dtype]:
+    """Read a side file safely: header first, compared with `shape`/`dtype` and the file size.
+
+    Returns the array (or, with `data=False`, (shape, dtype)). Raises FileNotFoundError for a
+    missing file and BadArray (with the reason) for anything else that is not that array.
+    """
+    from prep.fsio import NotARegularFile, open_regular
+
+    try:
+        f = open_regular(path)
+    except NotARegularFile as exc:
+        raise BadArray(str(exc).split(" is ", 1)[-1]) from None
+    except IsADirectoryError:
+        raise BadArray("a directory") from None
+    with f:
+        head = f.read(4096)
+        found_shape, found_dtype, offset = parse_npy_header(_whole_header(f, head))
+        total = os.fstat(f.fileno()).st_size
+        check_npy_bytes_layout(found_shape, found_dtype, offset, total, shape, dtype)
+        if not data:
+            return found_shape, found_dtype
+        f.seek(offset)
+        raw = f.read(total - offset)
+    return np.frombuffer(raw, dtype=found_dtype).reshape(found_shape).copy()
+
+
+def _whole_header(f, head: bytes) -> bytes:
+    """`head` extended to hold the whole (bounded) header when it is longer than the first read."""
+    if len(head) >= 12 and head.startswith(b"\x93NUMPY") and head[6] in (2, 3):
+        need = 12 + int.from_bytes(head[8:12], "little")
+        if len(head) < need <= 12 + MAX_NPY_HEADER:
+            head += f.read(need - len(head))
+    return head
+
+
+def read_npy_bytes(
+    data: bytes, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None
+) -> np.ndarray:
+    """Like `read_npy` for an in-memory .npy (an export member): layout checked before decoding."""
+    found_shape, found_dtype, offset = parse_npy_header(bytes(data[: 12 + MAX_NPY_HEADER]))
+    check_npy_bytes_layout(found_shape, found_dtype, offset, len(data), shape, dtype)
+    return np.frombuffer(data, dtype=found_dtype, offset=offset).reshape(found_shape).copy()
+
+
+def load_npy(path: str | Path, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None) -> np.ndarray | None:
+    """The array, or None when the file is missing, truncated, pickled or not as expected."""
+    try:
+        return read_npy(path, shape, dtype)
+    except (FileNotFoundError, BadArray, *_BAD_NPY):
         return None
-    if dtype.hasobject or fortran:
-        return None
-    if size < len(prefix) + header_len + int(np.prod(shape)) * dtype.itemsize:
-        return None  # truncated payload
-    return shape, dtype
 
 
 def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
     """(shape, dtype) from the .npy header alone, or None if missing/unreadable/truncated."""
     try:
-        return _npy_header(path)
-    except OSError:
+        return read_npy(path, data=False)
+    except (FileNotFoundError, BadArray, *_BAD_NPY):
         return None
 
 
 def check_artifact(base: str | Path, kind: str, record: dict, *, read_data: bool = True) -> str:
-    """"valid", "missing" or "invalid: <reason>" for one artifact of one record.
+    """"valid", "missing" or "invalid: <reason>" for the file of one artifact of one record.
 
-    With `read_data=False` only the header is read (shape, dtype, full length): fast enough
-    for readiness filters over millions of records. With it, the file is opened once and
-    loaded, and its values must also be finite.
+    With `read_data=False` only the header and the size are checked: fast enough for
+    readiness filters over millions of records. With it, values must also be finite.
     """
     try:
         path = artifact_path(base, kind, record.get("image_id"))
         shape = expected_shape(kind, record)
-    except (UnsafeIdError, KeyError, ValueError) as exc:
+    except (UnsafeIdError, KeyError, ValueError, TypeError) as exc:
         return f"invalid: {exc}"
-    dtype = ARTIFACTS[kind].dtype
     try:
-        if read_data:
-            with open(path, "rb") as f:
-                array = np.lib.format.read_array(f, allow_pickle=False)
-            found = (array.shape, array.dtype)
-        else:
-            found = _npy_header(path)
+        array = read_npy(path, shape, artifact_spec(kind).dtype, data=read_data)
     except FileNotFoundError:
         return MISSING
-    except _BAD_NPY:
-        return "invalid: unreadable"
-    if found is None:
-        return "invalid: unreadable"
-    if found[0] != shape:
-        return f"invalid: shape {found[0]} != {shape}"
-    if found[1] != dtype:
-        return f"invalid: dtype {found[1]} != {dtype}"
+    except BadArray as exc:
+        return f"invalid: {exc}"
+    except _BAD_NPY as exc:
+        return f"invalid: unreadable ({type(exc).__name__})"
     if read_data and not np.isfinite(array).all():
         return "invalid: non-finite values"
     return VALID
@@ -211,10 +309,13 @@ def artifact_ok(base: str | Path, kind: str, record: dict, *, read_data: bool = 
     return check_artifact(base, kind, record, read_data=read_data) == VALID
 
 
+# ----------------------------------------------------------------------------- metadata
 def read_metadata(base: str | Path) -> dict:
-    """The dataset-level metadata (latent convention, models); {} when absent or unreadable."""
+    """The dataset-level metadata (latent convention, models, bound manifest); {} when absent."""
+    from prep.fsio import read_capped_text
+
     try:
-        metadata = json.loads((Path(base) / METADATA_FILE).read_text(encoding="utf-8"))
+        metadata = json.loads(read_capped_text(Path(base) / METADATA_FILE, 16 << 20))
     except (OSError, ValueError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
@@ -228,24 +329,40 @@ def update_metadata(base: str | Path, updates: dict) -> dict:
     return metadata
 
 
+# ---------------------------------------------------------------------------- readiness
 def readiness_reasons(
-    record: dict, base: str | Path, *, read_data: bool = False, stale_against: Expected | None = None
+    record: dict, base: str | Path, *, read_data: bool = False, stale_against=None, stamps: bool = True,
 ) -> list[str]:
     """Why `record` cannot go into a training shard yet (empty list = ready).
 
-    The record must be a valid v2 record and each of its three artifacts valid; by default
-    only .npy headers are read, which is what readiness filters over millions of rows need.
-    With `stale_against`, an artifact whose provenance is stale ("vae stale") is not ready either.
+    The record must be a valid v2 record, not filtered out, and each side file valid (header
+    and size; `read_data` also reads the values) and the one its record stamped. With
+    `stale_against` (an `Expected`), an artifact whose configuration or inputs changed is not
+    ready either ("vae stale").
     """
+    from prep import provenance
+
     reasons = validate_record(record)
+    if isinstance(record.get("filtered"), dict):
+        reasons.append(f"filtered: {record['filtered'].get('reason', 'unknown')}")
     if "missing image_id" in reasons or "unsafe image_id" in reasons:
         return reasons
-    for kind in ARTIFACTS:
-        if kind == "vae" and ("missing aspect_bucket" in reasons or "bad aspect_bucket" in reasons):
-            continue
+    from prep import stages
+
+    no_bucket = "missing aspect_bucket" in reasons or "bad aspect_bucket" in reasons
+    for stage in stages.artifact_stages():
+        kind = stage.name
+        if stage.by_bucket and no_bucket:
+            continue  # the array's shape follows the bucket: only the record reason is given
         status = check_artifact(base, kind, record, read_data=read_data)
         if status != VALID:
             reasons.append(f"{kind} {status.split(':')[0]}")
-        elif stale_against is not None and is_stale(artifact_status(kind, record, stale_against)):
+            continue
+        if not stamps:
+            continue
+        path = artifact_path(base, kind, record["image_id"])
+        if provenance.unvouched_reason(kind, record, path):
+            reasons.append(f"{kind} not stamped for this record")
+        elif stale_against is not None and provenance.is_stale(provenance.artifact_status(kind, record, stale_against)):
             reasons.append(f"{kind} stale")
     return reasons

@@ -483,3 +483,27 @@ def model_flags(models: dict[str, Path], caption_max_new_tokens: int = 8) -> lis
         "--caption-model", str(models["captioner"]),
         "--caption-max-new-tokens", str(caption_max_new_tokens),
     ]  # fmt: skip
+
+
+def without_file_stamps(record: dict, *, keep_hash: bool = False) -> dict:
+    """A record with its side files' stamps (or just their mtimes) removed, for comparing two runs.
+
+    Two runs that write the same arrays differ only in the files' mtimes; runs whose arrays may
+    differ in the last bits (another batch size or rank count) differ in the hashes too.
+    """
+    out = dict(record)
+    prov = out.get("provenance")
+    if isinstance(prov, dict):
+        out["provenance"] = {kind: _strip_file(stamp, keep_hash) for kind, stamp in prov.items()}
+    return out
+
+
+def _strip_file(stamp, keep_hash: bool):
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("file"), dict):
+        return stamp
+    stamp = dict(stamp)
+    if keep_hash:
+        stamp["file"] = {k: v for k, v in stamp["file"].items() if k != "mtime_ns"}
+    else:
+        del stamp["file"]
+    return stamp

@@ -1,10 +1,12 @@
-"""`prep verify`: load every side file of every record and say what is valid, invalid, missing or stale.
+"""`prep verify`: read every side file of every record and say what is valid, invalid, missing or stale.
 
-Unlike the passes' readiness filters (headers only), verify reads the data, so it also
-catches NaN/Inf values and truncated payloads. A valid artifact is further judged by its
-provenance: `stale` (its image, caption, bucket or model changed), `unknown` (made before
-provenance existed) or fresh. It exits non-zero when anything is invalid, missing or stale.
-`--adopt` stamps the current configuration onto valid `unknown` artifacts, explicitly.
+Unlike the passes' `needs` filters (a stat per file), verify reads the data, so it also catches
+NaN/Inf values and bytes changed behind a kept size and mtime. A valid file is then judged by
+its provenance: `stale` (not stamped for this record, or its image, caption, bucket or model
+changed) or `unknown` (adopted from an older manifest) or fresh. Whatever verify finds invalid
+it lists in `<derived>/.prep/redo.json`, so the next `prep run` redoes it; export and
+`load_manifest(ready_only=True)` never serve it. Exits non-zero when anything is invalid,
+missing or stale; a missing manifest is an error, not an empty success.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep import provenance
-from prep.manifest import read_manifest, write_manifest
+from prep import provenance, stages
+from prep.errors import UserError
+from prep.manifest import read_manifest, resolve_manifest_path, rewrite
 from prep.records import validate_record
-from prep.store import ARTIFACTS, MISSING, VALID, check_artifact, read_metadata
+from prep.store import MISSING, VALID, artifact_path, check_artifact, read_metadata
 
 ARTIFACT_BLOCKERS = {"missing image_id", "unsafe image_id"}
 STATES = ("valid", "invalid", "missing", "stale", "unknown")  # stale / unknown are subsets of valid
@@ -31,10 +34,13 @@ class VerifyReport:
 
     records: int = 0
     rejected_lines: int = 0
-    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in ARTIFACTS})
+    filtered: Counter = field(default_factory=Counter)
+    artifacts: dict[str, Counter] = field(
+        default_factory=lambda: {kind: Counter() for kind in stages.file_artifacts()}
+    )
     record_problems: Counter = field(default_factory=Counter)
     problems: list[dict] = field(default_factory=list)
-
+    redo: dict[str, list[str]] = field(default_factory=dict)
     adopted: int = 0
 
     @property
@@ -42,11 +48,16 @@ class VerifyReport:
         bad = sum(c["invalid"] + c["missing"] + c["stale"] for c in self.artifacts.values())
         return bad == 0 and not self.record_problems and self.rejected_lines == 0
 
+    def note(self, problem: dict) -> None:
+        if len(self.problems) < LIST_LIMIT:
+            self.problems.append(problem)
+
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
             "records": self.records,
             "rejected_lines": self.rejected_lines,
+            "filtered": dict(sorted(self.filtered.items())),
             "artifacts": {kind: {k: c[k] for k in STATES} for kind, c in self.artifacts.items()},
             "adopted": self.adopted,
             "record_problems": dict(sorted(self.record_problems.items())),
@@ -60,15 +71,17 @@ def check_record(
     """(record-level reasons, {kind: file status}, {kind: provenance status of valid files})."""
     reasons = list(validate_record(record))
     statuses, origins = {}, {}
-    for kind in ARTIFACTS:
-        if ARTIFACT_BLOCKERS & set(reasons) or (
-            kind == "vae" and not isinstance(record.get("aspect_bucket"), str)
-        ):
+    for stage in stages.artifact_stages():
+        kind = stage.name
+        if ARTIFACT_BLOCKERS & set(reasons) or (stage.by_bucket and not isinstance(record.get("aspect_bucket"), str)):
             statuses[kind] = "invalid: record has no usable image_id / aspect_bucket"
-        else:
-            statuses[kind] = check_artifact(base, kind, record, read_data=True)
-            if statuses[kind] == VALID:
-                origins[kind] = provenance.artifact_status(kind, record, expected)
+            continue
+        statuses[kind] = check_artifact(base, kind, record, read_data=True)
+        if statuses[kind] == VALID:
+            path = artifact_path(base, kind, record["image_id"])
+            origins[kind] = provenance.artifact_status(
+                kind, record, expected, reads_caption=stage.reads == "caption", path=path
+            )
     return reasons, statuses, origins
 
 
@@ -79,74 +92,98 @@ def verify_manifest(
     workers: int = 8,
     expected: provenance.Expected | None = None,
     adopt_with: dict[str, dict] | None = None,
+    write_redo_list: bool = True,
 ) -> VerifyReport:
     """Check every record of the manifest and every side file it should have.
 
     `expected` is the configuration to judge provenance against (default: the models the
     last run recorded in prep_metadata.json). With `adopt_with` ({kind: config fields}),
-    valid artifacts of unknown provenance are stamped with it and the manifest is rewritten.
+    valid artifacts of unknown provenance are stamped with it and the manifest is rewritten
+    (under the manifest's lock).
     """
-    from tqdm.auto import tqdm
+    from prep.progress import progress
 
+    path = Path(manifest_path)
+    if not path.exists():
+        raise UserError(f"manifest {path} does not exist (pass --manifest)")
+    if not resolve_manifest_path(path).is_file():
+        raise UserError(f"manifest {path} is not a file")
     if expected is None:
         expected = provenance.expected_from_metadata(read_metadata(base))
-    manifest = read_manifest(manifest_path)
+    lock = _lock(path) if adopt_with is not None else None
+    try:
+        return _verify(path, Path(base), workers, expected, adopt_with, write_redo_list, progress)
+    finally:
+        if lock is not None:
+            from prep.fsio import release_lock
+
+            release_lock(lock)
+
+
+def _lock(path: Path):
+    from prep.fsio import LockedError, acquire_lock
+
+    target = resolve_manifest_path(path)
+    try:
+        return acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
+    except LockedError as exc:
+        raise UserError(f"{exc}: --adopt rewrites the manifest; wait for the other job") from None
+
+
+def _verify(path, base, workers, expected, adopt_with, write_redo_list, progress) -> VerifyReport:
+    manifest = read_manifest(path)
     report = VerifyReport(records=len(manifest), rejected_lines=len(manifest.rejected))
     for item in manifest.rejected:
-        report.problems.append({"line": item.lineno, "kind": "manifest", "reason": item.reason})
-    base = Path(base)
+        report.note({"line": item.lineno, "kind": "manifest", "reason": item.reason})
+    changed: dict[int, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        records = list(manifest) if adopt_with is not None else manifest
-        results = pool.map(lambda r: (r, *check_record(r, base, expected)), records)
-        for record, reasons, statuses, origins in tqdm(
-            results, total=len(manifest), desc="verify", unit="rec", leave=False
-        ):
-            label = record.get("image_id") or record.get("image_path")
-            for reason in reasons:
-                report.record_problems[reason] += 1
-                if len(report.problems) < LIST_LIMIT:
-                    report.problems.append({"image_id": label, "kind": "record", "reason": reason})
-            for kind, status in statuses.items():
-                bucket = "valid" if status == VALID else "missing" if status == MISSING else "invalid"
-                report.artifacts[kind][bucket] += 1
-                if bucket != "valid" and len(report.problems) < LIST_LIMIT:
-                    report.problems.append({"image_id": label, "kind": kind, "reason": status})
-            for kind, origin in origins.items():
-                if origin == provenance.UNKNOWN and adopt_with is not None and kind in adopt_with:
-                    report.adopted += adopt(record, kind, adopt_with[kind])
-                elif origin == provenance.UNKNOWN:
-                    report.artifacts[kind]["unknown"] += 1
-                elif provenance.is_stale(origin):
-                    report.artifacts[kind]["stale"] += 1
-                    if len(report.problems) < LIST_LIMIT:
-                        report.problems.append({"image_id": label, "kind": kind, "reason": origin})
-    if adopt_with is not None and report.adopted:
-        write_manifest(manifest_path, records, manifest.rejected)
+        rows = range(len(manifest))
+        results = pool.map(lambda row: (row, manifest.record(row)), rows)
+        checked = pool.map(lambda item: (*item, *check_record(item[1], base, expected)), results)
+        for row, record, reasons, statuses, origins in progress(checked, total=len(manifest), desc="verify", unit="rec"):
+            if isinstance(record.get("filtered"), dict):
+                report.filtered[str(record["filtered"].get("reason"))] += 1
+                continue
+            _count(report, record, reasons, statuses, origins, adopt_with, changed, row)
+    if changed:
+        rewrite(manifest, changed)
+    if write_redo_list:
+        from prep.needs import write_redo
+
+        write_redo(base, report.redo)
     return report
 
 
-def adopt(record: dict, kind: str, config: dict) -> int:
-    """Stamp `config` (plus what the record's inputs say) onto an artifact of unknown provenance."""
-    from prep.buckets import parse_bucket
-    from prep.journal import apply_update
-    from prep.preprocess import cover_crop_box
+def _count(report, record, reasons, statuses, origins, adopt_with, changed, row) -> None:
+    label = record.get("image_id") or record.get("image_path")
+    for reason in reasons:
+        report.record_problems[reason] += 1
+        report.note({"image_id": label, "kind": "record", "reason": reason})
+    for kind, status in statuses.items():
+        state = "valid" if status == VALID else "missing" if status == MISSING else "invalid"
+        report.artifacts[kind][state] += 1
+        if state == "invalid" and isinstance(record.get("image_id"), str):
+            report.redo.setdefault(kind, []).append(record["image_id"])
+        if state != "valid":
+            report.note({"image_id": label, "kind": kind, "reason": status})
+    for kind, origin in origins.items():
+        if origin == provenance.UNKNOWN and adopt_with is not None and kind in adopt_with:
+            report.adopted += adopt(record, kind, adopt_with[kind])
+            changed[row] = record
+        elif origin == provenance.UNKNOWN:
+            report.artifacts[kind]["unknown"] += 1
+        elif provenance.is_stale(origin):
+            report.artifacts[kind]["stale"] += 1
+            report.note({"image_id": label, "kind": kind, "reason": origin})
 
-    update: dict = {}
-    stamp = {**config, "format": provenance.PROVENANCE_FORMAT}
-    if kind in ("dinov3", "vae"):
-        fp = provenance.refresh_fingerprint(record["image_path"], record.get("image_fingerprint"))
-        if fp is None:
-            return 0  # the image is gone: nothing to vouch for
-        update["image_fingerprint"] = fp
-        stamp["image_sha256"] = fp["sha256"]
-    if kind == "vae":
-        width, height = parse_bucket(record["aspect_bucket"])
-        stamp["bucket"] = record["aspect_bucket"]
-        stamp["crop_box"] = list(cover_crop_box(record["width"], record["height"], width, height))
-    if kind == "t5":
-        stamp["caption_sha256"] = provenance.text_sha256(record.get("caption"))
-    update[f"provenance.{kind}"] = stamp
-    apply_update(record, update)
+
+def adopt(record: dict, kind: str, config: dict) -> int:
+    """Stamp `config` onto an artifact of unknown provenance (its file and input stamps are kept)."""
+    stamp = dict(provenance.stamp_of(record, kind) or {})
+    stamp.pop("origin", None)
+    stamp.update({k: v for k, v in config.items() if v is not None})
+    stamp["format"] = provenance.PROVENANCE_FORMAT
+    record["provenance"][kind] = stamp
     return 1
 
 
@@ -161,37 +198,39 @@ def print_report(report: VerifyReport, as_json: bool = False) -> None:
             f"  {kind:<7} valid {counter['valid']:>8}  invalid {counter['invalid']:>8}  missing {counter['missing']:>8}"
             f"  (of the valid: stale {counter['stale']:>6}, unknown provenance {counter['unknown']:>6})"
         )
+    if report.filtered:
+        print("  filtered out (not checked): " + ", ".join(f"{r} {n}" for r, n in sorted(report.filtered.items())))
     if report.adopted:
-        print(
-            f"  adopted: {report.adopted} artifacts of unknown provenance stamped with the current configuration"
-        )
+        print(f"  adopted: {report.adopted} artifacts of unknown provenance stamped with the given configuration")
     for reason, count in sorted(report.record_problems.items()):
         print(f"  record: {reason}: {count}")
-    shown = [p for p in report.problems][:20]
+    shown = report.problems[:20]
     for problem in shown:
         where = problem.get("image_id", f"line {problem.get('line')}")
         print(f"  - {where} [{problem['kind']}]: {problem['reason']}")
     if len(report.problems) > len(shown):
         print(f"  ... {len(report.problems) - len(shown)} more (use --json)")
+    if any(report.redo.values()):
+        print("  the next `prep run` redoes the invalid side files")
     print("verify: OK" if report.ok else "verify: PROBLEMS FOUND")
 
 
-def judging_config(base: str | Path, models: dict[str, str | None], vae_subfolder: str | None = None) -> dict[str, dict]:
+def judging_config(base: str | Path, models: dict) -> dict[str, dict]:
     """{kind: {model_id, revision, ...}}: a model flag given wins, else the last run's model (metadata)."""
-    from prep.encoders.common import model_revision
+    from prep.models import known_revision
 
     config = {
         kind: {"model_id": entry.get("model_id"), "revision": entry.get("revision")}
         for kind, entry in (read_metadata(base).get("models") or {}).items()
-        if isinstance(entry, dict) and kind in ARTIFACTS
+        if isinstance(entry, dict) and kind in stages.STAGES
     }
-    for kind, model_id in models.items():
-        if model_id:
-            config[kind] = {"model_id": model_id, "revision": model_revision(model_id)}
-            if kind == "vae":
-                from prep.encoders.vae import effective_vae_subfolder
+    for kind, choice in models.items():
+        config[kind] = {"model_id": choice.source, "revision": known_revision(choice.source, choice.subfolder)}
+        if stages.STAGES[kind].model.subfolder is not None:
+            from prep.models import effective_subfolder, looks_like_path
 
-                config[kind]["subfolder"] = effective_vae_subfolder(model_id, vae_subfolder)
+            local = looks_like_path(choice.source)
+            config[kind]["subfolder"] = effective_subfolder(Path(choice.source), choice.subfolder) if local else choice.subfolder
     return config
 
 

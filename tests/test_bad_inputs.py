@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from prep import preprocess
 from prep.cli import main
-from prep.store import ARTIFACTS, artifact_ok, check_artifact, load_npy, read_npy_header
+from prep.store import artifact_ok, check_artifact, file_artifacts, load_npy, read_npy_header
 from prep.testing import model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
@@ -196,8 +196,8 @@ def bad_run(tmp_path_factory, tiny_models) -> dict:
     (work / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # --- bad side files for "sidefiles": truncated, wrong dtype, pickled object array
     marker = root / "UNPICKLED"
-    for kind in ARTIFACTS:
-        (derived / ARTIFACTS[kind].folder).mkdir(parents=True, exist_ok=True)
+    for kind in file_artifacts():
+        (derived / file_artifacts()[kind].folder).mkdir(parents=True, exist_ok=True)
     good_dinov3 = io.BytesIO()
     np.lib.format.write_array(good_dinov3, np.ones(1024, np.float32))
     (derived / "dinov3" / "sidefiles.npy").write_bytes(good_dinov3.getvalue()[:600])
@@ -263,10 +263,12 @@ def test_nothing_is_written_outside_the_output_directory(bad_run) -> None:
     derived = files_under(bad_run["derived"])
     for rel in derived:
         folder, _, name = rel.partition("/")
-        assert rel == "prep_metadata.json" or (
-            folder in {s.folder for s in ARTIFACTS.values()} and "/" not in name and name.endswith(".npy")
+        assert rel in ("prep_metadata.json", ".prep.lock") or (
+            folder in {s.folder for s in file_artifacts().values()} and "/" not in name and name.endswith(".npy")
         ), rel
-    assert files_under(work) == {"manifest.jsonl", "manifest.jsonl.rejected.jsonl", "manifest.jsonl.lock"} | {f"derived/{r}" for r in derived}
+    assert files_under(work) == {
+        "manifest.jsonl", "manifest.jsonl.rejected.jsonl", "manifest.jsonl.lock", "manifest.jsonl.cache.arrow"
+    } | {f"derived/{r}" for r in derived}
     assert not (root / "outside").exists() or not any((root / "outside").iterdir())
     assert not any(p.name.startswith("x.") for p in root.rglob("*"))
     assert not Path("/etc/x.npy").exists() and not (work / "etc").exists() and not (root / "etc").exists()
@@ -298,7 +300,7 @@ def test_every_readable_image_is_complete(bad_run) -> None:
     for record in complete:
         assert record["caption"].strip(), record["image_id"]
         assert len(record["t5_attention_mask"]) == 77
-        for kind in ARTIFACTS:
+        for kind in file_artifacts():
             assert artifact_ok(derived, kind, record, read_data=True), (kind, record["image_id"])
     ids = [r["image_id"] for r in complete]
     assert len(set(ids)) == len(ids) and all("." not in i and " " not in i for i in ids)
@@ -316,7 +318,7 @@ def test_empty_caption_in_manifest_is_regenerated(bad_run) -> None:
 def test_bad_side_files_are_recomputed_and_never_unpickled(bad_run) -> None:
     derived, record = bad_run["derived"], by_path(bad_run["after_first"])["sidefiles.png"]
     assert not bad_run["marker"].exists()
-    for kind in ARTIFACTS:
+    for kind in file_artifacts():
         assert artifact_ok(derived, kind, record, read_data=True), kind
     header = read_npy_header(derived / "t5_hidden" / "sidefiles.npy")
     assert header == ((77, 1024), np.dtype(np.float16))
@@ -397,7 +399,7 @@ def test_nan_latents_fail_the_record_and_write_no_file(tmp_path, tiny_models) ->
 
 
 def test_empty_generated_caption_fails_and_is_not_stored(tmp_path, tiny_models, monkeypatch) -> None:
-    from prep.encoders.captioner import Captioner
+    from prep.stages.caption import Captioner
 
     images, work = tmp_path / "images", tmp_path / "work"
     ig.save_rgb(images / "one.jpg", 64, 64)
@@ -433,6 +435,6 @@ def test_truncated_and_wrong_shape_side_files_are_redone(tmp_path, tiny_models) 
     path.write_bytes(bytes(data))
     record = {"image_id": "one"}
     assert load_npy(path) is None and read_npy_header(path) is None
-    assert check_artifact(work / "derived", "dinov3", record, read_data=True) == "invalid: unreadable"
+    assert check_artifact(work / "derived", "dinov3", record, read_data=True).startswith("invalid: bad .npy header")
     assert main(run_args(work, images, tiny_models, "--pass", "dinov3")) == 0
     np.testing.assert_array_equal(load_npy(path), good)

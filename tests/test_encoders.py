@@ -16,13 +16,12 @@ import torch
 from PIL import Image
 
 from prep import config
-from prep.encoders import common
-from prep.encoders.captioner import Captioner
-from prep.encoders.common import free_model, model_revision, resolve_device, resolve_dtype
-from prep.encoders.dinov3 import DINOv3Encoder
-from prep.encoders.t5 import T5Encoder
-from prep.encoders.vae import VAEEncoder, effective_vae_subfolder
+from prep.models import free_model, local_dir_revision, resolve_device, resolve_dtype
 from prep.preprocess import load_bucket_image, open_rgb, to_vae_pixels
+from prep.stages.caption import Captioner
+from prep.stages.dinov3 import DINOv3Encoder
+from prep.stages.t5 import T5Encoder
+from prep.stages.vae import VAEEncoder
 from prep.testing import TEST_CAPTIONS
 
 FP16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}
@@ -79,26 +78,13 @@ def test_free_model_releases_parameter_storage() -> None:
 def test_model_revision_of_a_local_dir_tracks_its_content(tmp_path: Path, tiny_models) -> None:
     copy = tmp_path / "t5"
     shutil.copytree(tiny_models["t5"], copy)
-    revision = model_revision(str(copy))
+    revision = local_dir_revision(copy)
     assert revision.startswith("sha256:") and len(revision) == len("sha256:") + 12
-    assert revision == model_revision(str(tiny_models["t5"]))  # same content, other path
+    assert revision == local_dir_revision(Path(tiny_models["t5"]))  # same content, other path
 
     config_path = copy / "config.json"
     config_path.write_text(config_path.read_text().replace('"d_ff": 64', '"d_ff": 65'))
-    assert model_revision(str(copy)) != revision
-
-
-def test_model_revision_of_a_hub_id_reads_the_local_cache(tmp_path: Path, monkeypatch) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert model_revision("someone/not-cached") == "unknown"
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    refs = tmp_path / "models--someone--cached" / "refs"
-    refs.mkdir(parents=True)
-    (refs / "main").write_text(commit)
-    assert model_revision("someone/cached") == commit
+    assert local_dir_revision(copy) != revision
 
 
 # --- VAE --------------------------------------------------------------------------------------
@@ -139,7 +125,6 @@ def test_vae_loads_root_or_subfolder(tiny_models, tmp_path: Path) -> None:
     assert from_root.subfolder is None and from_subfolder.subfolder == "vae"
     assert from_subfolder.shift_factor == pytest.approx(0.1159)
     assert from_subfolder.scaling_factor == pytest.approx(0.3611)
-    assert effective_vae_subfolder("black-forest-labs/FLUX.1-dev", "vae") == "vae"
 
 
 def test_vae_loads_in_the_requested_dtype(tiny_models) -> None:
@@ -382,9 +367,8 @@ def test_captioner_accepts_other_modes(captioner) -> None:
 
 def test_common_free_model_is_used_by_unload(tiny_models, monkeypatch) -> None:
     freed = []
-    monkeypatch.setattr("prep.encoders.dinov3.free_model", freed.append)
+    monkeypatch.setattr("prep.models.free_model", freed.append)
     encoder = DINOv3Encoder.load(str(tiny_models["dinov3"]), device="cpu")
     model = encoder.model
     encoder.unload()
     assert freed == [model] and encoder.model is None
-    assert common.free_model is free_model

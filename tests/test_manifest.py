@@ -8,13 +8,12 @@ import time
 
 import pytest
 
-from prep import manifest as manifest_module
 from prep.config import T5_MAX_LENGTH
 from prep.fsio import TMP_MARK
 from prep.manifest import (
-    PROJECTION_SCHEMA,
     RejectedLine,
     dumps_record,
+    projection_names,
     read_manifest,
     rejected_path,
     save_rejected,
@@ -57,7 +56,7 @@ def test_missing_manifest_is_empty(tmp_path):
     assert len(manifest) == 0 and list(manifest) == [] and manifest.rejected == []
     dataset = manifest.to_dataset()
     assert len(dataset) == 0
-    assert dataset.column_names == PROJECTION_SCHEMA.names
+    assert dataset.column_names == projection_names()
 
 
 def test_directory_raises(tmp_path):
@@ -110,7 +109,7 @@ def test_bad_lines_are_rejected_with_line_numbers_and_good_ones_kept_in_order(tm
     # the text is kept verbatim
     assert {item.lineno: item.text for item in manifest.rejected}[2] == lines[1]
     assert [item.lineno for item in manifest.rejected] == sorted(rejected)  # file order
-    assert manifest.projections_column("row") == [0, 1, 2, 3]
+    assert manifest.to_dataset()["row"] == [0, 1, 2, 3]
 
 
 def test_crlf_bom_and_no_trailing_newline(tmp_path):
@@ -144,18 +143,16 @@ def test_invalid_utf8_line_is_rejected_not_fatal(tmp_path):
     assert read_manifest(path).rejected == []
 
 
-def test_chunked_reading_keeps_order_and_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest_module, "CHUNK", 7)
+def test_records_keep_order_and_rows_around_a_rejected_line(tmp_path):
     path = tmp_path / "m.jsonl"
     lines = [json.dumps(v2(i)) for i in range(30)]
     lines.insert(10, "garbage")
     write_lines(path, lines)
     manifest = read_manifest(path)
     assert len(manifest) == 30
-    assert len(manifest.projections) == 5  # 7+7+7+7+2
     assert manifest.record(29)["image_id"] == "img_29" and manifest.record(10)["image_id"] == "img_10"
     assert [r["image_id"] for r in manifest] == [f"img_{i}" for i in range(30)]
-    assert manifest.projections_column("row") == list(range(30))
+    assert manifest.to_dataset()["row"] == list(range(30))
     assert [(item.lineno, item.text) for item in manifest.rejected] == [(11, "garbage")]
     assert manifest.to_dataset()["image_id"] == [f"img_{i}" for i in range(30)]
 
@@ -177,7 +174,7 @@ def test_to_dataset_columns_and_values(tmp_path):
     for name in ("row", "image_id", "image_path", "caption", "mask_ok", "aspect_bucket", "width", "height",
                  "needs_migration"):  # fmt: skip
         assert name in dataset.column_names
-    assert dataset.column_names == PROJECTION_SCHEMA.names
+    assert dataset.column_names == projection_names()
     assert len(dataset) == 4
     assert dataset["row"] == [0, 1, 2, 3]
     assert dataset["image_id"] == ["img_1", None, None, "img_2"]

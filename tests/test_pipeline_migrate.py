@@ -71,6 +71,9 @@ def test_migrate_v0_v1_to_v2(stage1: dict) -> None:
     assert run_cli("--manifest", str(m), "--output-base-dir", str(base), "--pass", "migrate") == 0
     records = read_jsonl(m)
     cat, dog, short = records
+    prov = cat.pop("provenance")  # the old record vouches for its own vector (model unknown) and caption
+    assert prov["dinov3"]["origin"] == "migrated" and prov["dinov3"]["file"]["size"] > 4096
+    assert prov["caption"]["source"] == "user"
     assert cat == {
         "image_id": "cat",
         "image_path": str(stage1["images"] / "cat.jpg"),
@@ -120,7 +123,8 @@ def test_scan_adds_new_images_as_v2_records(tmp_path: Path, capsys) -> None:
     assert len(records) == 3
     ids = [r["image_id"] for r in records]
     assert len(set(ids)) == 3 and all("." not in i for i in ids)
-    assert {"image_id", "image_path", "width", "height", "aspect_bucket", "format_version"} == set(records[0])
+    assert {"image_id", "image_path", "width", "height", "aspect_bucket", "format_version", "provenance"} == set(records[0])
+    assert records[0]["provenance"] == {}
     out = capsys.readouterr().out
     assert "3 new" in out and "1 unreadable" in out
     # a rerun finds nothing new and writes nothing
@@ -248,14 +252,15 @@ def test_verbose_logs_each_image(tmp_path: Path, caplog) -> None:
 
 
 def test_a_second_run_on_a_locked_manifest_is_refused(tmp_path: Path, capsys) -> None:
-    from prep.pipeline import lock_manifest
+    from prep.fsio import acquire_lock, release_lock
 
+    make_image(tmp_path / "a.jpg", 64, 64)
     m = tmp_path / "m.jsonl"
-    held = lock_manifest(m)
+    held = acquire_lock(tmp_path / "m.jsonl.lock", "test")
     try:
         code = run_cli("--images", str(tmp_path), "--manifest", str(m), "--output-base-dir", str(tmp_path / "d"), "--pass", "migrate")
         err = capsys.readouterr().err
-        assert code == 2 and "another prep run is using" in err and len(err.strip().splitlines()) == 1
+        assert code == 2 and "another prep job is using" in err and len(err.strip().splitlines()) == 1
     finally:
-        held.close()
+        release_lock(held)
     assert run_cli("--images", str(tmp_path), "--manifest", str(m), "--output-base-dir", str(tmp_path / "d"), "--pass", "migrate") == 0

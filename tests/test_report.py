@@ -181,7 +181,7 @@ def test_report_counts_and_token_truncation(work: Path, tiny_models) -> None:
 
 
 def test_crop_panel_is_exactly_what_the_vae_encoded(dataset: Path, tiny_models) -> None:
-    from prep.encoders.vae import VAEEncoder
+    from prep.stages.vae import VAEEncoder
 
     records = records_of(dataset)
     entries = report.sheet_entries(records, dataset / "derived", decoder=None, progress=False)
@@ -225,7 +225,9 @@ def test_bad_latent_missing_and_unreadable_images_are_flagged_not_fatal(work: Pa
         width, height = (int(v) for v in entry.bucket.split("x"))
         assert entry.decoded.image.shape == (height, width, 3) and entry.decoded.image.dtype == np.uint8
     assert result.stats.artifacts["vae"]["invalid"] == 1
-    assert result.stats.ready_but_invalid == 1  # header-only readiness cannot see NaN; the page says so
+    # the NaN file is not the one its record stamped, so it is not ready (export would not ship it)
+    assert result.stats.not_ready_reasons["vae not stamped for this record"] == 1
+    assert result.stats.ready_but_invalid == 0
     raw = (out / "index.html").read_text(encoding="utf-8")
     assert "latent has NaN/Inf values" in raw and "image file missing" in raw
     assert 'class="flagged"' in raw

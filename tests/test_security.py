@@ -154,20 +154,22 @@ def test_plain_grep_agrees() -> None:
 
 # --------------------------------------------------------------------------- behaviour
 def test_trust_remote_code_is_off_unless_asked(monkeypatch) -> None:
-    from prep import passes
-    from prep.encoders.captioner import Captioner
-    from prep.encoders.dinov3 import DINOv3Encoder
-    from prep.options import RunOptions
+    from prep import stages
+    from prep.models import ResolvedModel
+    from prep.options import run_options_from
+    from prep.stages.caption import Captioner
+    from prep.stages.dinov3 import DINOv3Encoder
 
     seen = {}
     monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, *a, **k: seen.setdefault("caption", k)))
     monkeypatch.setattr(DINOv3Encoder, "load", classmethod(lambda cls, *a, **k: seen.setdefault("dinov3", k)))
+    model = ResolvedModel("--x-model", "x", True, None, "sha256:0")
     for argv, expected in ((["run"], False), (["run", "--trust-remote-code"], True)):
         seen.clear()
-        opts = RunOptions.from_args(build_parser().parse_args(argv))
-        assert opts.models.trust_remote_code is expected
-        passes.load_encoder("caption", opts, "cpu")
-        passes.load_encoder("dinov3", opts, "cpu")
+        opts = run_options_from(build_parser().parse_args(argv))
+        assert opts.trust_remote_code is expected
+        for name in ("caption", "dinov3"):
+            stages.get(name).load(model, device="cpu", dtype="auto", opts=opts)
         assert seen["caption"]["trust_remote_code"] is expected and seen["dinov3"]["trust_remote_code"] is expected
 
 

@@ -13,7 +13,6 @@ from prep import store
 from prep.config import DINOV3_DIM, T5_HIDDEN_DIM, T5_MAX_LENGTH
 from prep.fsio import TMP_MARK
 from prep.store import (
-    ARTIFACTS,
     METADATA_FILE,
     MISSING,
     VALID,
@@ -24,6 +23,7 @@ from prep.store import (
     check_artifact,
     ensure_dirs,
     expected_shape,
+    file_artifacts,
     load_npy,
     read_metadata,
     read_npy_header,
@@ -54,7 +54,7 @@ def record(**overrides) -> dict:
 
 def valid_arrays(rec: dict) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {kind: rng.standard_normal(expected_shape(kind, rec)).astype(np.float32) for kind in ARTIFACTS}
+    return {kind: rng.standard_normal(expected_shape(kind, rec)).astype(np.float32) for kind in file_artifacts()}
 
 
 def save_all(base: Path, rec: dict) -> None:
@@ -67,7 +67,7 @@ def save_all(base: Path, rec: dict) -> None:
 
 
 def test_layout_and_dtypes(tmp_path):
-    assert {k: (s.folder, s.dtype) for k, s in ARTIFACTS.items()} == {
+    assert {k: (s.folder, s.dtype) for k, s in file_artifacts().items()} == {
         "dinov3": ("dinov3", np.dtype("float32")),
         "vae": ("vae_latents", np.dtype("float16")),
         "t5": ("t5_hidden", np.dtype("float16")),
@@ -238,10 +238,10 @@ def test_read_npy_header_versions_and_fortran(tmp_path):
 
 def test_check_artifact_valid_and_missing(tmp_path):
     rec = record()
-    for kind in ARTIFACTS:
+    for kind in file_artifacts():
         assert check_artifact(tmp_path, kind, rec) == MISSING
     save_all(tmp_path, rec)
-    for kind in ARTIFACTS:
+    for kind in file_artifacts():
         assert check_artifact(tmp_path, kind, rec) == VALID
         assert check_artifact(tmp_path, kind, rec, read_data=False) == VALID
         assert artifact_ok(tmp_path, kind, rec)
@@ -253,8 +253,8 @@ def test_check_artifact_truncated(tmp_path):
     save_all(tmp_path, rec)
     path = artifact_path(tmp_path, "t5", "img_1")
     path.write_bytes(path.read_bytes()[:-2])
-    assert check_artifact(tmp_path, "t5", rec) == "invalid: unreadable"
-    assert check_artifact(tmp_path, "t5", rec, read_data=False) == "invalid: unreadable"
+    assert check_artifact(tmp_path, "t5", rec) == "invalid: truncated payload"
+    assert check_artifact(tmp_path, "t5", rec, read_data=False) == "invalid: truncated payload"
     assert not artifact_ok(tmp_path, "t5", rec)
 
 
@@ -281,7 +281,7 @@ def test_check_artifact_wrong_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("kind", list(ARTIFACTS))
+@pytest.mark.parametrize("kind", list(file_artifacts()))
 def test_check_artifact_non_finite_only_when_reading_data(tmp_path, kind, bad):
     rec = record()
     save_all(tmp_path, rec)
@@ -314,7 +314,7 @@ def test_check_artifact_directory_in_place_of_file(tmp_path):
     rec = record()
     ensure_dirs(tmp_path)
     artifact_path(tmp_path, "dinov3", "img_1").mkdir()
-    assert check_artifact(tmp_path, "dinov3", rec) == "invalid: unreadable"
+    assert check_artifact(tmp_path, "dinov3", rec) == "invalid: a directory"
 
 
 # ----------------------------------------------------------------------------- readiness
@@ -324,24 +324,41 @@ def test_readiness_reasons(tmp_path):
     rec = record()
     assert readiness_reasons(rec, tmp_path) == ["dinov3 missing", "vae missing", "t5 missing"]
     save_all(tmp_path, rec)
-    assert readiness_reasons(rec, tmp_path) == []
-    assert readiness_reasons(rec, tmp_path, read_data=True) == []
+    assert readiness_reasons(rec, tmp_path, stamps=False) == []
+    assert readiness_reasons(rec, tmp_path, read_data=True, stamps=False) == []
 
     latent = valid_arrays(rec)["vae"]
     latent[1, 2, 3] = np.nan
     save_artifact(tmp_path, "vae", "img_1", latent)
-    assert readiness_reasons(rec, tmp_path) == []  # header only
-    assert readiness_reasons(rec, tmp_path, read_data=True) == ["vae invalid"]
+    assert readiness_reasons(rec, tmp_path, stamps=False) == []  # header only
+    assert readiness_reasons(rec, tmp_path, read_data=True, stamps=False) == ["vae invalid"]
 
     os.remove(artifact_path(tmp_path, "t5", "img_1"))
-    assert readiness_reasons(rec, tmp_path, read_data=True) == ["vae invalid", "t5 missing"]
+    assert readiness_reasons(rec, tmp_path, read_data=True, stamps=False) == ["vae invalid", "t5 missing"]
+
+
+def test_readiness_needs_the_records_own_stamp(tmp_path):
+    """A valid file at the id of a record prep made is not ready unless the record stamped that very file."""
+    from prep.prepare import adopt_record_artifacts
+
+    made_by_prep = {**record(), "provenance": {}}
+    save_all(tmp_path, made_by_prep)
+    assert readiness_reasons(made_by_prep, tmp_path) == [
+        "dinov3 not stamped for this record", "vae not stamped for this record", "t5 not stamped for this record"
+    ]
+    legacy = record()  # an older manifest's record (no provenance field) vouches for the files at its id
+    assert readiness_reasons(legacy, tmp_path) == []
+    assert adopt_record_artifacts(legacy, tmp_path, legacy=True) == 3  # adopted: now their bytes are stamped
+    assert readiness_reasons(legacy, tmp_path) == []
+    save_artifact(tmp_path, "dinov3", "img_1", valid_arrays(legacy)["dinov3"] + 1)  # replaced behind its back
+    assert readiness_reasons(legacy, tmp_path) == ["dinov3 not stamped for this record"]
 
 
 def test_readiness_reasons_record_defects(tmp_path):
     save_all(tmp_path, record())
     no_caption = record()
     del no_caption["caption"]
-    assert readiness_reasons(no_caption, tmp_path) == ["missing caption"]
+    assert readiness_reasons(no_caption, tmp_path, stamps=False) == ["missing caption"]
     assert readiness_reasons(record(image_id="../../etc/passwd"), tmp_path) == ["unsafe image_id"]
     no_id = record()
     del no_id["image_id"]
@@ -349,9 +366,9 @@ def test_readiness_reasons_record_defects(tmp_path):
     # without a bucket the latent cannot be checked: only the record reason is given for it
     no_bucket = record()
     del no_bucket["aspect_bucket"]
-    assert readiness_reasons(no_bucket, tmp_path) == ["missing aspect_bucket"]
+    assert readiness_reasons(no_bucket, tmp_path, stamps=False) == ["missing aspect_bucket"]
     # the bucket changed: the stored latent no longer fits
-    assert readiness_reasons(record(aspect_bucket="1024x1024"), tmp_path) == ["vae invalid"]
+    assert readiness_reasons(record(aspect_bucket="1024x1024"), tmp_path, stamps=False) == ["vae invalid"]
 
 
 # ----------------------------------------------------------------------------- temp files, metadata
@@ -359,7 +376,7 @@ def test_readiness_reasons_record_defects(tmp_path):
 
 def test_sweep_stray_temp_files(tmp_path):
     ensure_dirs(tmp_path)
-    for kind in ARTIFACTS:
+    for kind in file_artifacts():
         (artifact_dir(tmp_path, kind) / f".x.npy.abc{TMP_MARK}").write_bytes(b"torn")
     save_artifact(tmp_path, "dinov3", "keep", np.zeros(1024))
     (tmp_path / f"outside{TMP_MARK}").write_bytes(b"not an artifact folder")

@@ -1,0 +1,75 @@
+"""The stage registry: every encoder pass, in run order, and the artifact table derived from it.
+
+Everything that depends on "which kinds exist" (the pass runner, `needs`, provenance, verify,
+export members, loading columns, the dataset card, the CLI model flags) loops over `STAGES`
+or `artifacts()`. Adding a stage is one new module and one `register(...)` call.
+"""
+
+from __future__ import annotations
+
+from prep.stages.base import CAPTION, IMAGE, Artifact, Encoder, ModelSpec, Output, Stage
+from prep.stages.caption import CaptionStage
+from prep.stages.dinov3 import DINOv3Stage
+from prep.stages.t5 import MASK as T5_MASK
+from prep.stages.t5 import T5Stage
+from prep.stages.vae import VAEStage
+
+__all__ = [
+    "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ModelSpec", "Output", "Stage",
+    "artifact_stages", "artifacts", "file_artifacts", "get", "register", "unregister",
+]  # fmt: skip
+
+STAGES: dict[str, Stage] = {}
+_RECORD_ARTIFACTS: dict[str, tuple[str, Artifact]] = {}  # kind -> (owning stage, artifact from a record field)
+
+
+def register(stage: Stage, *, before: str | None = None, record_artifacts: tuple[Artifact, ...] = ()) -> Stage:
+    """Add a stage to the run order (at the end, or before the stage named `before`)."""
+    if stage.name in STAGES:
+        raise ValueError(f"a stage named {stage.name!r} is already registered")
+    items = list(STAGES.items())
+    position = len(items) if before is None else [name for name, _ in items].index(before)
+    items.insert(position, (stage.name, stage))
+    STAGES.clear()
+    STAGES.update(items)
+    for artifact in record_artifacts:
+        _RECORD_ARTIFACTS[artifact.kind] = (stage.name, artifact)
+    return stage
+
+
+def unregister(name: str) -> None:
+    """Remove a stage (tests that register a temporary one)."""
+    STAGES.pop(name, None)
+    for kind in [k for k, (owner, _) in _RECORD_ARTIFACTS.items() if owner == name]:
+        del _RECORD_ARTIFACTS[kind]
+
+
+def get(name: str) -> Stage:
+    return STAGES[name]
+
+
+def artifact_stages() -> list[Stage]:
+    """Stages that write a side file, in run order."""
+    return [stage for stage in STAGES.values() if stage.artifact is not None]
+
+
+def file_artifacts() -> dict[str, Artifact]:
+    """{kind: artifact} of the side files (dinov3/, vae_latents/, t5_hidden/, ...)."""
+    return {stage.artifact.kind: stage.artifact for stage in artifact_stages()}
+
+
+def artifacts() -> dict[str, Artifact]:
+    """The whole artifact table: side files, then arrays built from record fields (the T5 mask)."""
+    table = file_artifacts()
+    for kind, (owner, artifact) in _RECORD_ARTIFACTS.items():
+        if owner in STAGES:
+            table[kind] = artifact
+    return table
+
+
+# Run order: the image stages first (they share decoded images), then the text stage, which
+# needs the captions the first one wrote.
+register(CaptionStage())
+register(DINOv3Stage())
+register(VAEStage())
+register(T5Stage(), record_artifacts=(T5_MASK,))

@@ -1,0 +1,152 @@
+"""Caption stage: a vision-language model (Gemma 3 by default) writes one caption per image, greedy.
+
+Greedy decoding with left padding makes a batched caption equal the caption of the image
+alone, so results do not depend on batch size or on which other images shared the batch.
+A caption the user supplied is never overwritten: this stage only fills records without one
+(or, with --recaption, replaces captions a model wrote).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from prep import config
+from prep.options import opt
+from prep.stages.base import IMAGE, Encoder, ModelSpec, Output, Stage, to_eval
+
+
+@dataclass
+class CaptionOptions:
+    """Flags of the caption stage."""
+
+    caption_prompt: str = opt(config.CAPTION_PROMPT, "prompt given to the captioner", group="captions")
+    caption_max_new_tokens: int = opt(config.CAPTION_MAX_NEW_TOKENS, "longest caption, in tokens", group="captions")
+    caption_batch_size: int = opt(4, "images per captioner batch", group="captions")
+
+
+class Captioner(Encoder):
+    """An image-text-to-text model, its processor, and the fixed caption request."""
+
+    def __init__(
+        self, processor, model, *, model_id: str, device, dtype, prompt: str = config.CAPTION_PROMPT,
+        max_new_tokens: int = config.CAPTION_MAX_NEW_TOKENS,
+    ) -> None:
+        super().__init__(model, device=device, dtype=dtype, model_id=model_id)
+        self.processor = processor
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.prompt_text = render_caption_request(processor, prompt)
+
+    @classmethod
+    def load(
+        cls, model_id: str, *, device: str = "auto", dtype: str = "auto", prompt: str = config.CAPTION_PROMPT,
+        max_new_tokens: int = config.CAPTION_MAX_NEW_TOKENS, trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> Captioner:
+        """`AutoProcessor` + `AutoModelForImageTextToText`, tokenizer padding on the left."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from prep.models import resolve_device, resolve_dtype
+
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        extra = {"revision": revision} if revision else {}
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code, **extra)
+        prepare_tokenizer_for_batched_generation(processor.tokenizer)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+        return cls(processor, to_eval(model, torch_device), model_id=model_id, device=torch_device, dtype=torch_dtype,
+                   prompt=prompt, max_new_tokens=max_new_tokens)
+
+    def caption(self, images: list) -> list[str]:
+        """One stripped caption per image; "" where the model produced nothing (a failure)."""
+        import torch
+
+        if not images:
+            return []
+        inputs = self._batch_inputs(images)
+        prompt_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            generated = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
+        texts = self.processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def _batch_inputs(self, images: list) -> dict:
+        """The same rendered request once per image, left-padded, tensors on the model's device."""
+        rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        batch = self.processor(
+            text=[self.prompt_text] * len(rgb),
+            images=[[image] for image in rgb],
+            padding=True,
+            return_tensors="pt",
+            # the chat template already wrote <bos>; a second one would change the caption
+            add_special_tokens=not (bos and self.prompt_text.startswith(bos)),
+        )
+        return {key: self._to_device(value) for key, value in batch.items()}
+
+    def _to_device(self, value):
+        import torch
+
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(self.device, self.dtype)
+        return value.to(self.device)
+
+
+def render_caption_request(processor, prompt: str) -> str:
+    """The chat-template text of one user turn holding an image and the prompt, ready for the answer."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return rendered[0] if isinstance(rendered, list) else rendered
+
+
+def prepare_tokenizer_for_batched_generation(tokenizer) -> None:
+    """Left padding (new tokens follow every prompt directly) and a pad token to pad with."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+class CaptionStage(Stage):
+    name = "caption"
+    reads = IMAGE
+    artifact = None  # writes the record's `caption` field
+    options = CaptionOptions
+    model = ModelSpec(
+        default=config.CAPTION_MODEL,
+        help="Gemma 3 vision-language captioner, Hub id or folder",
+        license="Gemma Terms of Use",
+    )
+    description = "captions for records that have none"
+
+    def settings(self, opts) -> dict:
+        own = self.stage_options(opts)
+        return {
+            "prompt_sha256": hashlib.sha256(own.caption_prompt.encode("utf-8")).hexdigest(),
+            "max_new_tokens": own.caption_max_new_tokens,
+        }
+
+    def batch_size(self, opts, device) -> int:
+        return self.stage_options(opts).caption_batch_size
+
+    def load(self, model, *, device, dtype: str, opts) -> Captioner:
+        own = self.stage_options(opts)
+        return Captioner.load(
+            model.source, device=device, dtype=dtype, prompt=own.caption_prompt,
+            max_new_tokens=own.caption_max_new_tokens, trust_remote_code=opts.trust_remote_code,
+            revision=model.load_revision,
+        )
+
+    def worker_transform(self, encoder: Captioner, bucket: str | None):
+        from prep.preprocess import open_rgb
+
+        return open_rgb
+
+    def encode(self, encoder: Captioner, items: list) -> list[Output]:
+        captions = [c.strip() for c in encoder.caption(items)]
+        return [Output(fields={"caption": c}, error=None if c else "empty caption") for c in captions]
+

@@ -1,0 +1,133 @@
+"""Flux VAE stage: the bucket crop of an image -> its normalised posterior-mean latent, float16.
+
+The stored latent is the posterior mean with Flux's shift and scale already applied,
+`(z - shift_factor) * scaling_factor`, and `convention()` says so in the data: trainers
+disagree on what a cached latent means and apply the transform twice when nobody says.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from prep import config
+from prep.buckets import latent_shape, parse_bucket
+from prep.stages.base import IMAGE, Artifact, Encoder, ModelSpec, Output, Stage, to_eval
+
+LATENT_KIND = "posterior_mean"
+LATENT_TRANSFORM = "(z - shift_factor) * scaling_factor"
+
+ARTIFACT = Artifact(
+    kind="vae",
+    folder="vae_latents",
+    member="vae.npy",
+    column="vae",
+    dtype=np.dtype(np.float16),
+    shape=lambda record: latent_shape(record["aspect_bucket"], config.VAE_LATENT_CHANNELS, config.VAE_DOWNSCALE),
+    description="Flux VAE latent (normalised posterior mean) of the bucket crop, (16, H/8, W/8)",
+)
+
+
+class VAEEncoder(Encoder):
+    """A loaded diffusers AutoencoderKL; only its encoder half is used."""
+
+    def __init__(self, model, *, model_id: str, subfolder: str | None, device, dtype) -> None:
+        super().__init__(model, device=device, dtype=dtype, model_id=model_id)
+        self.subfolder = subfolder
+        self.shift_factor = float(model.config.shift_factor or 0.0)
+        self.scaling_factor = float(model.config.scaling_factor)
+
+    @classmethod
+    def load(
+        cls, model_id: str, *, subfolder: str | None = None, device: str = "auto", dtype: str = "auto",
+        revision: str | None = None,
+    ) -> VAEEncoder:
+        """`AutoencoderKL.from_pretrained` (Hub id or local dir; a local dir without `subfolder`
+        but with a root config.json loads from its root)."""
+        from pathlib import Path
+
+        from diffusers import AutoencoderKL
+
+        from prep.models import effective_subfolder, resolve_device, resolve_dtype
+
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        root = Path(model_id).expanduser()
+        used = effective_subfolder(root, subfolder) if root.is_dir() else subfolder
+        kwargs = {"subfolder": used} if used else {}
+        if revision:
+            kwargs["revision"] = revision
+        model = AutoencoderKL.from_pretrained(model_id, torch_dtype=torch_dtype, **kwargs)
+        return cls(to_eval(model, torch_device), model_id=model_id, subfolder=used, device=torch_device, dtype=torch_dtype)
+
+    def encode(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) float16 and a per-item finite flag.
+
+        An item is flagged non-finite when any value is inf/NaN in float32 or after the cast
+        to float16 (values beyond fp16's range become inf on disk).
+        """
+        import torch
+
+        from prep.models import finite_rows
+
+        with torch.inference_mode():
+            x = pixels.to(device=self.device, dtype=self.dtype)
+            mean = self.model.encode(x).latent_dist.mean.float()
+            latents = (mean - self.shift_factor) * self.scaling_factor
+            stored = latents.to(torch.float16)
+            finite = finite_rows(latents) & finite_rows(stored)
+            return stored.cpu().numpy(), finite
+
+    def convention(self) -> dict:
+        """How to read the stored latents; goes into prep_metadata.json and the dataset card."""
+        return {
+            "latent": LATENT_KIND,
+            "transform": LATENT_TRANSFORM,
+            "shift_factor": self.shift_factor,
+            "scaling_factor": self.scaling_factor,
+            "model_id": self.model_id,
+            "subfolder": self.subfolder,
+            "dtype": "float16 on disk",
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+class VAEStage(Stage):
+    name = "vae"
+    reads = IMAGE
+    artifact = ARTIFACT
+    by_bucket = True
+    model = ModelSpec(
+        default=config.VAE_MODEL,
+        subfolder=config.VAE_SUBFOLDER,
+        help="Flux VAE (AutoencoderKL), Hub id or folder",
+        license="FLUX.1 [dev] Non-Commercial License",
+    )
+    description = "Flux VAE latents of the bucket crops"
+
+    def load(self, model, *, device, dtype: str, opts) -> VAEEncoder:
+        return VAEEncoder.load(
+            model.source, subfolder=model.subfolder, device=device, dtype=dtype, revision=model.load_revision
+        )
+
+    def worker_transform(self, encoder: VAEEncoder, bucket: str | None):
+        from prep import preprocess
+
+        width, height = parse_bucket(bucket)
+        return functools.partial(preprocess.load_bucket_crop, width=width, height=height)
+
+    def encode(self, encoder: VAEEncoder, items: list) -> list[Output]:
+        from prep.preprocess import to_vae_pixels
+
+        pixels = to_vae_pixels(np.stack([crop for crop, _ in items]))
+        bucket = f"{pixels.shape[-1]}x{pixels.shape[-2]}"
+        arrays, finite = encoder.encode(pixels)
+        return [
+            Output(
+                array=np.array(array),
+                inputs={"bucket": bucket, "crop_box": list(box)},
+                error=None if ok else "non-finite output",
+            )
+            for array, (_, box), ok in zip(arrays, items, finite, strict=True)
+        ]
