@@ -4,13 +4,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_manifest", "load_shards", "load_uncond"]
+__all__ = ["BucketBatchSampler", "__version__", "collate", "load_manifest", "load_shards", "load_uncond"]
 
 # Lazy: `import prep` stays cheap (no torch / datasets import) for the CLI's --help.
 _LAZY = {
     "load_manifest": "prep.loading",
     "load_shards": "prep.shards",
     "load_uncond": "prep.shards",
+    "BucketBatchSampler": "prep.sampling",
+    "collate": "prep.sampling",
 }
 
 
