@@ -568,9 +568,12 @@ def plan_epoch(
     for _ in range(target - sum(own)):
         w = min(range(num_workers), key=lambda i: (own[i] + pads[i], i))
         pads[w] += 1
-    source = per_rank[rank] or order
+    # Padding repeats the rank's own shards first (from a different one per worker), then the
+    # others: with drop_last, a rank's own shards alone may hold no complete batch.
+    source = per_rank[rank]
     start = worker % len(source) if source else 0
-    pad_source = source[start:] + source[:start]
+    own_ids = {id(s) for s in source}
+    pad_source = source[start:] + source[:start] + [s for s in order if id(s) not in own_ids]
     return SlotPlan(mine, own[worker] + pads[worker], pad_source, own[worker])
 
 
@@ -733,7 +736,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 produced = True
                 yield item
             if not produced:
-                raise RuntimeError("cannot pad this rank's epoch: its shards yield no complete batch")
+                raise RuntimeError("cannot pad this rank's epoch: the shards yield no complete batch")
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()

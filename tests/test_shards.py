@@ -479,3 +479,12 @@ def test_plan_covers_every_shard_once():
         if world > 1:
             per_rank = [sum(p.quota for p in plans[r * workers:(r + 1) * workers]) for r in range(world)]
             assert len(set(per_rank)) == 1
+
+
+def test_padding_with_drop_last_when_a_rank_has_no_full_batch(data):
+    # batch 4, drop_last: each bucket has 5 samples in shards of 2, 2, 1; some ranks hold no 4 of one bucket
+    kw = dict(batch_size=4, drop_last=True, shuffle=True, seed=2)
+    for world in (2, 3, 4):
+        counts = [len(list(prep.load_shards(data["out"], rank=r, world_size=world, **kw))) for r in range(world)]
+        assert len(set(counts)) == 1  # even, and no rank fails to pad
+        assert counts[0] >= (1 if world < 4 else 0)  # 4 ranks: no rank holds 4 samples of one bucket
