@@ -4,13 +4,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_manifest", "load_shards"]
+__all__ = ["BucketBatchSampler", "__version__", "collate", "load_manifest", "load_shards", "load_uncond"]
+
+# Lazy: `import prep` stays cheap (no torch / datasets import) for the CLI's --help.
+_LAZY = {
+    "load_manifest": "prep.loading",
+    "load_shards": "prep.shards",
+    "load_uncond": "prep.shards",
+    "BucketBatchSampler": "prep.sampling",
+    "collate": "prep.sampling",
+}
 
 
 def __getattr__(name: str):
-    # Lazy: `import prep` stays cheap (no torch / datasets import) for the CLI's --help.
-    if name in ("load_manifest", "load_shards"):
-        from prep import loading
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(loading, name)
-    raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

@@ -6,7 +6,9 @@ methods of the installed huggingface_hub API are called, with which arguments.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -14,10 +16,19 @@ import pytest
 from helpers_export import build_dataset
 
 from prep.cli import main
-from prep.export.hub import IGNORE_PATTERNS, list_upload_files, push_export
+from prep.errors import UserError
+from prep.export.hub import (
+    IGNORE_PATTERNS,
+    ExportFolderError,
+    HubError,
+    format_push,
+    list_upload_files,
+    push_export,
+)
 from prep.export.webdataset import export_webdataset
 
 SECRET = "hf_thisIsAFakeSecretToken123456789"
+STRAYS = [".env", "manifest.jsonl", "notes/todo.txt", "bucket_64x64/shard-000099.tar", "bucket_[x]/odd*.tar"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +38,9 @@ def export_dir(tmp_path_factory) -> Path:
     out = tmp / "shards"
     export_webdataset(data["manifest"], data["derived"], out, shard_size=1, progress_every=0)
     (out / "bucket_64x64" / ".shard-000099.tar.x.prep-tmp").write_bytes(b"temp")  # never uploaded
+    for stray in STRAYS:  # not named by index.json: never uploaded, always listed
+        (out / stray).parent.mkdir(parents=True, exist_ok=True)
+        (out / stray).write_bytes(b"HF_TOKEN=" + SECRET.encode() if stray == ".env" else b"x")
     return out
 
 
@@ -150,3 +164,123 @@ def test_upload_listing_matches_dry_run(export_dir):
     files = dict(list_upload_files(export_dir))
     assert "bucket_64x64/shard-000000.tar" in files
     assert not [p for p in files if p.startswith(".prep-export")]
+
+
+def _what_upload_folder_selects(folder: Path, upload: dict) -> set[str]:
+    """The files huggingface_hub's upload_folder would take with these arguments (its own listing and
+    matcher, as in HfApi._prepare_upload_folder_additions; that method also validates the card online)."""
+    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    every = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+    ignore = list(upload["ignore_patterns"]) + list(DEFAULT_IGNORE_PATTERNS)
+    return set(filter_repo_objects(every, allow_patterns=upload["allow_patterns"], ignore_patterns=ignore))
+
+
+def test_only_what_index_json_names_goes_up(export_dir, capsys):
+    index = json.loads((export_dir / "index.json").read_text())
+    expected = {"README.md", "index.json", "stats.json", *(s["path"] for s in index["shards"])}
+    api = FakeApi()
+    result = push_export(export_dir, "me/data", api=api)
+    assert {p for p, _ in result.files} == expected
+    assert _what_upload_folder_selects(export_dir, api.calls[-1][2]) == expected
+    for stray in STRAYS + ["bucket_64x64/.shard-000099.tar.x.prep-tmp"]:
+        assert stray in result.skipped
+    assert any(p.startswith(".prep-export/") for p in result.skipped)
+    text = format_push(result)
+    assert f"skipped {len(result.skipped)} file(s) that index.json does not name" in text
+    for stray in STRAYS:
+        assert f"    {stray}" in text
+    assert ".prep-export/ (" in text and SECRET not in text
+    # the dry run lists the same
+    dry = push_export(export_dir, "me/data", dry_run=True)
+    assert dry.files == result.files and dry.skipped == result.skipped
+
+
+def test_uncond_file_named_by_index_goes_up(export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["uncond"] = {"path": "uncond/t5_empty.safetensors"}
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="named by index.json .'uncond'. but missing"):
+        push_export(copy, "me/data", dry_run=True)
+    (copy / "uncond").mkdir()
+    (copy / "uncond" / "t5_empty.safetensors").write_bytes(b"x")
+    (copy / "uncond" / "other.bin").write_bytes(b"x")
+    api = FakeApi()
+    result = push_export(copy, "me/data", api=api)
+    assert "uncond/t5_empty.safetensors" in dict(result.files) and "uncond/other.bin" in result.skipped
+    assert "uncond/t5_empty.safetensors" in _what_upload_folder_selects(copy, api.calls[-1][2])
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda index: index["shards"][2].pop("path"), r"index.json: shards\[2\] has no 'path'"),
+    (lambda index: index.pop("shards"), "key 'shards' is missing"),
+    (lambda index: index["shards"][0].update(path="../../etc/passwd"), r"shards\[0\] 'path': unsafe"),
+    (lambda index: index.update(uncond=7), "key 'uncond' must be a relative path"),
+])
+def test_bad_index_is_a_clear_error(export_dir, tmp_path, capsys, mutate, match):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    index = json.loads((copy / "index.json").read_text())
+    mutate(index)
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportFolderError, match=match):
+        push_export(copy, "me/data", dry_run=True)
+    assert main(["push", str(copy), "--repo-id", "me/data", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prep: error: ") and "Traceback" not in err[0]
+
+
+def test_index_not_json_is_a_clear_error(export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    (copy / "index.json").write_text("{oops")
+    with pytest.raises(ExportFolderError, match=r"index.json is not valid JSON"):
+        push_export(copy, "me/data", dry_run=True)
+
+
+def _http_error(status: int, cls=None):
+    import httpx2
+
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    response = httpx2.Response(status, request=request)
+    cls = cls or huggingface_hub.errors.HfHubHTTPError
+    return cls(f"{status} Client Error for url {request.url} (token {SECRET})", response=response)
+
+
+def _connect_error():
+    import httpx2
+
+    return httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("make_error, where, match", [
+    (lambda: _http_error(401), "create_repo", "not authorised .HTTP 401."),
+    (lambda: _http_error(403), "upload_folder", "forbidden .HTTP 403.: the token cannot write to me/data"),
+    (lambda: _http_error(404, huggingface_hub.errors.RepositoryNotFoundError), "create_branch", "not found"),
+    (lambda: _http_error(403, huggingface_hub.errors.GatedRepoError), "create_repo", "me/data is gated"),
+    (lambda: _http_error(500), "upload_folder", "HTTP 500 from the Hub"),
+    (_connect_error, "create_repo", "could not reach the Hub .ConnectError"),
+    (lambda: ConnectionResetError("reset by peer"), "upload_folder", "could not reach the Hub"),
+])
+def test_network_failures_are_one_line(export_dir, monkeypatch, capsys, make_error, where, match):
+    class FailingApi(FakeApi):
+        def __getattribute__(self, name):
+            if name == where:
+                def fail(*args, **kwargs):
+                    raise make_error()
+                return fail
+            return super().__getattribute__(name)
+
+    with pytest.raises(HubError, match=match) as info:
+        push_export(export_dir, "me/data", revision="v1", api=FailingApi(), token_env=None)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    monkeypatch.setenv("MY_HUB_TOKEN", SECRET)
+    assert main(["push", str(export_dir), "--repo-id", "me/data", "--revision", "v1", "--token-env", "MY_HUB_TOKEN"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prep: error: push to me/data failed while ")
+    assert "Traceback" not in captured.err and SECRET not in captured.err + captured.out

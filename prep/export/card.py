@@ -1,45 +1,192 @@
 """The dataset card (`README.md`) of an export folder, which makes the folder a Hub dataset repo.
 
-Its YAML header declares one config per bucket (`config_name: bucket_WxH`, `data_files:
-[{split: train, path: bucket_WxH/*.tar}]`) because samples of different buckets have
-latents of different shapes and cannot share one Arrow schema. The text says what each
-member holds, the latent convention and the models (from the derived dir's
-prep_metadata.json when present) and the counts per bucket.
+Built with huggingface_hub's `DatasetCard` / `DatasetCardData` (no hand-written YAML). Its
+header declares:
+
+- configs: a default config `all` (every bucket: `bucket_*/*.tar`), so
+  `datasets.load_dataset(folder)` works without a name, plus one config per bucket;
+- `dataset_info` per config: the members' features, which `datasets`' webdataset builder
+  uses instead of inferring them from the first samples (checked in datasets 5.2:
+  `load_dataset_builder` passes the card's info for the chosen config to the builder, whose
+  `_split_generators` only infers when `info.features` is empty). Per bucket the latent is
+  an `Array3D((16, H/8, W/8), float16)`; in `all` it is nested lists of float16, because a
+  fixed shape cannot hold several buckets (checked: `all` with mixed shapes loads);
+- `license` (default "other"), `size_categories` in the Hub's values, tags.
+
+What the features cannot do: `with_format("numpy")` / `("torch")` return float32 for every
+floating column whatever the features say (datasets' formatters default float arrays to
+float32 unless one `dtype` is given for all columns). The card says so, with the fix.
+
+The text names models by Hub id, never by local folder: an HF cache path
+(`.../models--ORG--NAME/snapshots/COMMIT/...`) shows `ORG/NAME` at that commit, a local
+model folder shows its basename and content hash.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-import yaml
-
 from prep import config
+from prep.buckets import latent_shape
 
 CARD_TAGS = ["webdataset", "flux", "text-to-image", "latents", "prep"]
+DEFAULT_CONFIG = "all"
+SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+    (10_000_000_000, "1B<n<10B"),
+    (100_000_000_000, "10B<n<100B"),
+    (1_000_000_000_000, "100B<n<1T"),
+)
+# The JSON member's fixed fields (prep.export.webdataset.JSON_FIELDS) and their `datasets` types.
+JSON_FIELD_TYPES = {
+    "image_id": "string",
+    "image_path": "string",
+    "caption": "string",
+    "height": "int64",
+    "width": "int64",
+    "aspect_bucket": "string",
+    "format_version": "int64",
+}
+# Scalar types as prep.export.webdataset.choose_extra_fields names them -> `datasets` Value dtypes.
+SCALAR_TYPES = {"str": "string", "int": "int64", "float": "float64", "bool": "bool"}
+# (substring of a lower-cased model id, licence) for the models prep uses by default.
+MODEL_LICENCES = (
+    ("flux.1-dev", "FLUX.1 [dev] Non-Commercial License"),
+    ("flux.1-schnell", "Apache-2.0"),
+    ("dinov3", "DINOv3 License"),
+    ("gemma", "Gemma Terms of Use"),
+    ("t5", "Apache-2.0"),
+)
+_HF_CACHE_RE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)(?:/snapshots/([0-9a-fA-F]{7,64}))?")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def _size_category(n: int) -> str:
-    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+def size_category(n: int) -> str:
+    """The Hub's `size_categories` value for n samples."""
+    for limit, label in SIZE_CATEGORIES:
         if n < limit:
             return label
-    return "1M<n<10M" if n < 10_000_000 else "n>10M"
+    return "n>1T"
 
 
-def card_header(index: dict) -> dict:
-    buckets = sorted(b for b, e in index.get("buckets", {}).items() if e.get("samples"))
-    header: dict[str, Any] = {
-        "tags": CARD_TAGS,
-        "task_categories": ["text-to-image"],
-        "size_categories": [_size_category(int(index.get("samples", 0)))],
-    }
+def public_model_id(model_id: Any, revision: Any = None) -> tuple[str, str | None]:
+    """(what the card shows for a model, its revision): a Hub id, never a local folder path."""
+    text = str(model_id or "unknown").strip()
+    posix = text.replace("\\", "/")
+    cached = _HF_CACHE_RE.search(posix)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}", cached.group(3) or revision
+    local_hash = isinstance(revision, str) and revision.startswith("sha256:")
+    looks_local = (
+        posix.startswith(("/", "~", "./", "../"))
+        or bool(re.match(r"^[A-Za-z]:", text))
+        or posix.count("/") > 1
+        or not _HUB_ID_RE.fullmatch(posix)
+    )
+    if local_hash or looks_local:
+        name = (PureWindowsPath(text) if "\\" in text else PurePosixPath(posix)).name or "model"
+        return f"local model '{name}'", revision
+    return text, revision
+
+
+def _licence_of(model: str) -> str:
+    lower = model.lower()
+    return next((licence for key, licence in MODEL_LICENCES if key in lower), "see the model's own card")
+
+
+# ---------------------------------------------------------------------------- header
+def _json_feature(index: dict, json_types: dict | None):
+    """A typed struct when every field's type is known (index `json_types` or the fixed fields), else Json()."""
+    from datasets import Json, Value
+
+    fields = list(index.get("json_fields") or JSON_FIELD_TYPES)
+    known = {**JSON_FIELD_TYPES, **{k: SCALAR_TYPES.get(v, v) for k, v in (json_types or {}).items()}}
+    if all(f in known for f in fields):
+        return {f: Value(known[f]) for f in fields}
+    return Json()
+
+
+def _features(index: dict, vae_shape: tuple[int, ...] | None, json_types: dict | None):
+    from datasets import Array2D, Array3D, Features, List, Value
+
+    vae = (
+        Array3D(shape=tuple(vae_shape), dtype="float16")
+        if vae_shape
+        else List(List(List(Value("float16"))))  # several buckets: no fixed shape
+    )
+    return Features(
+        {
+            "json": _json_feature(index, json_types),
+            "dinov3.npy": List(Value("float32")),
+            "vae.npy": vae,
+            "t5h.npy": Array2D(shape=(config.T5_MAX_LENGTH, config.T5_HIDDEN_DIM), dtype="float16"),
+            "t5m.npy": List(Value("uint8")),
+            "__key__": Value("string"),
+            "__url__": Value("string"),
+        }
+    )
+
+
+def _buckets(index: dict) -> list[str]:
+    return sorted(b for b, e in (index.get("buckets") or {}).items() if e.get("samples"))
+
+
+def _vae_shape(bucket: str, entry: dict) -> tuple[int, ...]:
+    shape = entry.get("vae_shape")
+    return tuple(shape) if shape else latent_shape(bucket, config.VAE_LATENT_CHANNELS, config.VAE_DOWNSCALE)
+
+
+def card_data(index: dict, *, license: str = "other", title: str | None = None, json_types: dict | None = None):
+    """The card's YAML header as a `huggingface_hub.DatasetCardData`."""
+    from datasets import DatasetInfo
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    buckets = _buckets(index)
+    json_types = json_types if json_types is not None else index.get("json_types")
+    configs, infos = [], {}
     if buckets:
-        header["configs"] = [
-            {"config_name": f"bucket_{b}", "data_files": [{"split": "train", "path": f"bucket_{b}/*.tar"}]}
-            for b in buckets
-        ]
-    return header
+        configs.append(
+            {
+                "config_name": DEFAULT_CONFIG,
+                "default": True,
+                "data_files": [{"split": "train", "path": "bucket_*/*.tar"}],
+            }
+        )
+        infos[DEFAULT_CONFIG] = DatasetInfo(features=_features(index, None, json_types))
+    for bucket in buckets:
+        entry = index["buckets"][bucket]
+        configs.append(
+            {"config_name": f"bucket_{bucket}", "data_files": [{"split": "train", "path": f"bucket_{bucket}/*.tar"}]}
+        )
+        infos[f"bucket_{bucket}"] = DatasetInfo(features=_features(index, _vae_shape(bucket, entry), json_types))
+    data = DatasetCardData(
+        license=license,
+        pretty_name=title,
+        task_categories=["text-to-image"],
+        tags=list(CARD_TAGS),
+        size_categories=[size_category(int(index.get("samples", 0)))],
+        configs=configs or None,
+    )
+    if infos:
+        DatasetInfosDict(infos).to_dataset_card_data(data)
+    return data
 
 
+def card_header(index: dict, **options) -> dict:
+    """The card's YAML header as a dict."""
+    return card_data(index, **options).to_dict()
+
+
+# ------------------------------------------------------------------------------ text
 def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -62,7 +209,8 @@ def _latent_section(metadata: dict) -> list[str]:
         f"scaling_factor: `{_cell(vae.get('scaling_factor', 'unknown'))}`",
     ]
     if vae.get("model_id"):
-        lines.append(f"- VAE: `{_cell(vae['model_id'])}`" + (f" (subfolder `{_cell(vae['subfolder'])}`)" if vae.get("subfolder") else ""))
+        model, _ = public_model_id(vae["model_id"])
+        lines.append(f"- VAE: `{_cell(model)}`" + (f" (subfolder `{_cell(vae['subfolder'])}`)" if vae.get("subfolder") else ""))
     if vae.get("dtype"):
         lines.append(f"- on disk: {_cell(vae['dtype'])}")
     lines.append(
@@ -76,19 +224,51 @@ def _models_section(metadata: dict) -> list[str]:
     models = metadata.get("models") if isinstance(metadata.get("models"), dict) else {}
     if not models:
         return ["No model provenance was recorded (prep_metadata.json has no `models` entry)."]
-    lines = ["| artifact | model | revision |", "|---|---|---|"]
+    lines = ["| artifact | model | revision | licence of the model |", "|---|---|---|---|"]
     for kind, entry in sorted(models.items()):
         entry = entry if isinstance(entry, dict) else {"model_id": entry}
-        lines.append(f"| {_cell(kind)} | `{_cell(entry.get('model_id', 'unknown'))}` | {_cell(entry.get('revision') or 'unknown')} |")
+        model, revision = public_model_id(entry.get("model_id", "unknown"), entry.get("revision"))
+        lines.append(
+            f"| {_cell(kind)} | `{_cell(model)}` | {_cell(revision or 'unknown')} | {_cell(_licence_of(model))} |"
+        )
     return lines
 
 
-def render_card(index: dict, metadata: dict | None = None, *, title: str = "prep training shards") -> str:
-    """The README.md text for an export described by `index` (its index.json content)."""
+def _licence_section(license: str) -> list[str]:
+    return [
+        f"The card's licence (`{_cell(license)}`) covers this packaging. The arrays and captions are outputs "
+        "of the models listed above, whose terms may restrict their use; with prep's default models:",
+        "",
+        "- VAE latents: the FLUX.1-dev VAE (`black-forest-labs/FLUX.1-dev`), FLUX.1 [dev] Non-Commercial License",
+        "- image embeddings: DINOv3 (`facebook/dinov3-vitl16-pretrain-lvd1689m`), DINOv3 License",
+        "- text states: T5 (`google-t5/t5-large`), Apache-2.0",
+        "- captions: Gemma 3 (`google/gemma-3-4b-it`), Gemma Terms of Use",
+        "",
+        "The images themselves are not included; their own licences still apply to what was derived from them.",
+    ]
+
+
+def render_card(
+    index: dict,
+    metadata: dict | None = None,
+    *,
+    title: str = "prep training shards",
+    license: str = "other",
+    json_types: dict | None = None,
+) -> str:
+    """The README.md text for an export described by `index` (its index.json content).
+
+    `metadata`: the derived dir's prep_metadata.json (latent convention, models). `license`:
+    the Hub licence id of the card (default "other"). `json_types`: {extra JSON field: "str" |
+    "int" | "float" | "bool"} (default: index["json_types"]); without the type of every field,
+    the `json` member is declared as `Json()`.
+    """
+    from huggingface_hub import DatasetCard
+
     metadata = metadata or {}
-    header = yaml.safe_dump(card_header(index), sort_keys=False, default_flow_style=False)
+    data = card_data(index, license=license, title=title, json_types=json_types)
     buckets = index.get("buckets", {})
-    first = next(iter(sorted(buckets)), "1024x1024")
+    first = next(iter(_buckets(index)), "1024x1024")
     members = [
         "| member | content |",
         "|---|---|",
@@ -106,29 +286,46 @@ def render_card(index: dict, metadata: dict | None = None, *, title: str = "prep
         )
     dropped = index.get("dropped_fields") or {}
     options = index.get("options") or {}
+    json_is_typed = not _json_declared_as_json(getattr(data, "dataset_info", None) or [])
     parts = [
-        "---",
-        header.rstrip("\n"),
-        "---",
-        "",
         f"# {title}",
         "",
         f"{index.get('samples', 0)} training samples for a text- and DINOv3-conditioned Flux-VAE diffusion model, "
-        "as WebDataset tar shards, one folder (and one `datasets` config) per aspect bucket. "
-        "All samples of a bucket share one latent shape, so a batch drawn from one config needs no padding.",
+        "as WebDataset tar shards, one folder per aspect bucket. All samples of a bucket share one latent shape, "
+        "so a batch drawn from one bucket needs no padding.",
         "",
         "## Loading",
         "",
         "```python",
         "from datasets import load_dataset",
-        f'ds = load_dataset("<this repo or folder>", name="bucket_{first}", split="train")',
+        f'ds = load_dataset("<this repo or folder>", split="train")  # config "{DEFAULT_CONFIG}": every bucket',
+        f'ds = load_dataset("<this repo or folder>", name="bucket_{first}", split="train")  # one bucket',
         "",
-        "import prep  # or plain webdataset over bucket_*/shard-*.tar",
-        f'for batch in prep.load_shards("<this repo or folder>", bucket="{first}", batch_size=32): ...',
+        "import prep  # batches of one bucket, split across ranks and DataLoader workers",
+        'for batch in prep.load_shards("<this repo or folder>", batch_size=32, shuffle=True): ...',
         "```",
         "",
-        "A config name is required: buckets have different latent shapes.",
+        f"The default config `{DEFAULT_CONFIG}` holds every bucket; its `vae.npy` is declared as nested lists "
+        "of float16 because the latent shape differs between buckets, so batch it per bucket (e.g. with "
+        "`prep.BucketBatchSampler`, which reads each row's bucket from `__url__`). The per-bucket configs declare "
+        "`vae.npy` as a fixed-shape `Array3D`, which is faster to read.",
         "",
+        "**dtypes**: `dataset_info` declares the arrays' shapes and dtypes (float16 latents and T5 states) and "
+        "they are stored float16, but `datasets`' numpy and torch formats return every floating array as float32. "
+        "The values are exact float16 values; restore the dtype exactly with `.half()` / `.astype(np.float16)`, "
+        'or in one line: `ds.with_format("torch", columns=["vae.npy", "t5h.npy"], dtype=torch.float16, '
+        "output_all_columns=True)`.",
+        "",
+    ]
+    if not json_is_typed:
+        parts += [
+            "The `json` member is declared as `Json()` (some extra fields have no recorded type), which needs a "
+            "`datasets` with the `Json` feature type (5.2 has it); with an older one, load with "
+            '`load_dataset("webdataset", data_files={"train": "<repo or folder>/bucket_*/*.tar"})`, which infers '
+            "the types.",
+            "",
+        ]
+    parts += [
         "## Members of each sample",
         "",
         "The key is the `image_id` (`[A-Za-z0-9_-]`, no dots).",
@@ -152,6 +349,10 @@ def render_card(index: dict, metadata: dict | None = None, *, title: str = "prep
         "",
         *_models_section(metadata),
         "",
+        "## Licence",
+        "",
+        *_licence_section(license),
+        "",
         "## Buckets",
         "",
         *table,
@@ -165,4 +366,14 @@ def render_card(index: dict, metadata: dict | None = None, *, title: str = "prep
         "inputs and seed give byte-identical shards.",
         "",
     ]
-    return "\n".join(parts)
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
+    return str(card)
+
+
+def _json_declared_as_json(dataset_info) -> bool:
+    infos = dataset_info if isinstance(dataset_info, list) else [dataset_info]
+    for info in infos:
+        for feature in info.get("features", []):
+            if feature.get("name") == "json" and feature.get("dtype") == "json":
+                return True
+    return False
