@@ -326,7 +326,8 @@ def test_card_from_metadata(tmp_path):
     _export(data, out)
     card = (out / "README.md").read_text()
     header = yaml.safe_load(card.split("---\n")[1])
-    assert header["configs"] == [
+    assert header["configs"][0]["config_name"] == "all" and header["configs"][0]["default"] is True
+    assert [{k: c[k] for k in ("config_name", "data_files")} for c in header["configs"][1:]] == [
         {"config_name": f"bucket_{b}", "data_files": [{"split": "train", "path": f"bucket_{b}/*.tar"}]}
         for b in sorted(SMALL_BUCKETS)
     ]
