@@ -32,16 +32,21 @@ MANIFEST_SCHEMA = pa.schema(
         ("extra", pa.string()),  # every non-v2 field, as one JSON object (heterogeneous extras)
     ]
 )
-ARRAY_COLUMNS = {"dinov3": "dinov3", "vae": "vae", "t5_hidden": "t5"}  # column -> store kind
 _CHUNK = 50_000
 
 
-class ArrayLoader:
-    """The `with_transform` function: adds `dinov3`, `vae`, `t5_hidden` arrays to accessed rows.
+def array_columns() -> dict[str, str]:
+    """{column: artifact kind} of the side files (from the artifact table): dinov3, vae, t5_hidden, ..."""
+    return {artifact.column: kind for kind, artifact in store.file_artifacts().items()}
 
-    Arrays keep their on-disk dtypes (float32, float16, float16); a missing or unreadable
-    file gives None. A batch that holds one column only (a column query in datasets < 4, or
-    a dataset narrowed with `select_columns` to columns without `image_id`) loads no arrays.
+
+class ArrayLoader:
+    """The `with_transform` function: adds the side-file arrays (`dinov3`, `vae`, `t5_hidden`) to accessed rows.
+
+    Arrays keep their on-disk dtypes (float32, float16, float16). A file is read only after its
+    header matched the shape the row expects and the file's size; a missing, unreadable, wrongly
+    shaped or non-finite array gives None, never wrong data. A batch that holds one column only
+    (a column query in datasets < 4, or `select_columns` without `image_id`) loads no arrays.
     """
 
     def __init__(self, derived_dir: str | Path):
@@ -51,9 +56,21 @@ class ArrayLoader:
         if len(batch) <= 1 or "image_id" not in batch:
             return batch
         out = dict(batch)
-        for column, kind in ARRAY_COLUMNS.items():
-            out[column] = [store.load_npy(store.artifact_path(self.derived_dir, kind, i)) for i in batch["image_id"]]
+        buckets = batch.get("aspect_bucket") or [None] * len(batch["image_id"])
+        for column, kind in array_columns().items():
+            out[column] = [self.load(kind, i, b) for i, b in zip(batch["image_id"], buckets, strict=True)]
         return out
+
+    def load(self, kind: str, image_id: str, bucket: str | None):
+        import numpy as np
+
+        spec = store.artifact_spec(kind)
+        try:
+            shape = store.expected_shape(kind, {"image_id": image_id, "aspect_bucket": bucket})
+        except (KeyError, ValueError, TypeError):
+            return None
+        array = store.load_npy(store.artifact_path(self.derived_dir, kind, image_id), shape, spec.dtype)
+        return array if array is not None and np.isfinite(array).all() else None
 
 
 def _row(record: dict) -> dict:
@@ -76,7 +93,8 @@ def load_manifest(
     float32, `vae` (16, H/8, W/8) float16 and `t5_hidden` (77, 1024) float16 numpy arrays
     (None when the file is missing), read at access time via `with_transform`.
     Records that are not valid v2 records are left out (logged); with `ready_only`, so are
-    records whose side files are missing or have the wrong shape/dtype (headers only).
+    records whose side files are missing, of the wrong shape or dtype (headers), not the files
+    their records stamped, listed as invalid by the last `prep verify`, or filtered out.
 
     Note: in datasets >= 4 a column query (`ds["caption"]`) on a dataset with a transform
     formats every row, so it would read every array; for metadata columns use
@@ -85,15 +103,17 @@ def load_manifest(
     from datasets import Dataset
 
     from prep.manifest import read_manifest
+    from prep.needs import read_redo
 
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} not found")
+    redo = set().union(*read_redo(derived_dir).values()) if ready_only else set()
     batches, rows, skipped = [], [], 0
     for record in read_manifest(manifest):
         problems = validate_record(record)
         if not problems and ready_only:
-            problems = store.readiness_reasons(record, derived_dir)
+            problems = store.readiness_reasons(record, derived_dir) or (["invalid when verified"] if record["image_id"] in redo else [])
         if problems:
             skipped += 1
             continue

@@ -21,7 +21,7 @@ def data(tmp_path_factory) -> dict:
 def test_load_manifest_lazy_arrays(data, monkeypatch):
     calls = []
     real = store.load_npy
-    monkeypatch.setattr(store, "load_npy", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(store, "load_npy", lambda path, *a: calls.append(path) or real(path, *a))
     ds = prep.load_manifest(data["manifest"], data["derived"])
     assert calls == []  # nothing read when the dataset is built
     # valid v2 records: 15 ready + missing/wrong-shape/wrong-dtype artifacts (the record itself is valid)
