@@ -17,6 +17,7 @@ from pathlib import Path
 from prep import __version__
 from prep.errors import UserError
 from prep.options import (
+    DemoOptions,
     ExportOptions,
     PushOptions,
     ReportOptions,
@@ -117,6 +118,20 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prep.demo import format_demo, run_demo
+
+    opts = from_namespace(DemoOptions, args)
+    print(format_demo(run_demo(opts.dir, seed=opts.seed)))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prep.bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 # ------------------------------------------------------------------------------- parser
 def _command(sub, name: str, func: Callable, options: type | None, help_text: str, description: str = ""):
     parser = sub.add_parser(name, help=help_text, description=description or help_text)
@@ -176,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
              "write an HTML report: counts, charts and a contact sheet of sampled records")
     _command(sub, "tiny-models", cmd_tiny_models, TinyModelsOptions,
              "write tiny random models of the real classes (tests, offline smoke runs)")
+    _command(sub, "demo", cmd_demo, DemoOptions,
+             "run the whole flow offline on generated images and tiny models (about a minute)",
+             "Generate sample images and tiny random models, run every pass, verify, export WebDataset "
+             "shards, load them back and write the report, all under DIR. Nothing is downloaded; the "
+             "arrays are meaningless (random weights).")
+    bench = sub.add_parser("bench", help="measure this machine: `prep bench all --quick --out DIR` "
+                                         "(see `prep bench --help`)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench, _parser=bench, debug=False, verbose=False)
     return parser
 
 

@@ -124,7 +124,10 @@ def read_config_file(path: Path) -> dict:
     text = _read_text(path)
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:
@@ -150,8 +153,19 @@ def _read_text(path: Path) -> str:
 
 
 def apply_config_defaults(parser: argparse.ArgumentParser, values: dict, source: Path) -> None:
-    """Make the file's values the parser's defaults, so flags on the command line still win."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+    """Make the file's values the parser's defaults, so flags on the command line still win.
+
+    A key is any of an option's flag names without the dashes (`pass`, `input_jsonl`,
+    `derived-dir`), or its destination name.
+    """
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config", argparse.SUPPRESS):
+            continue
+        actions[action.dest] = action
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                actions[flag[2:].replace("-", "_")] = action
     unknown = sorted(set(values) - set(actions) - {"config"})
     if unknown:
         raise UserError(f"--config {source}: unknown option(s) for this command: {', '.join(unknown)}")
@@ -160,7 +174,7 @@ def apply_config_defaults(parser: argparse.ArgumentParser, values: dict, source:
         if name == "config":
             continue
         action = actions[name]
-        converted[name] = _convert(action, value, source)
+        converted[action.dest] = _convert(action, value, source)
     parser.set_defaults(**converted)
 
 
@@ -469,3 +483,12 @@ class TinyModelsOptions(Logging):
 
     dir: Path = opt(help="where to write vae/, t5/, dinov3/, captioner/", positional=True)
     seed: int = opt(0, "weight seed")
+
+
+@dataclass(kw_only=True)
+class DemoOptions(Logging):
+    """`prep demo`: the whole flow offline on generated images and tiny models."""
+
+    dir: Path = opt(Path("prep-demo"), "folder for the demo's images, models, dataset, shards and report",
+                    positional=True)
+    seed: int = opt(0, "seed of the generated images and models")

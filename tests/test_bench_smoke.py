@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import data
-from bench.__main__ import main as bench_main
-from bench.__main__ import run_export
-from bench.common import BenchResult, run_guarded, write_results
-from bench.gpu_bench import run_gpu_bench
-from bench.preprocess_bench import lean, pipeline, run_preprocess_bench
-from bench.scale_bench import run_scale_bench
+from prep.bench import data
+from prep.bench.__main__ import main as bench_main
+from prep.bench.__main__ import run_export
+from prep.bench.common import BenchResult, run_guarded, write_results
+from prep.bench.gpu_bench import run_gpu_bench
+from prep.bench.preprocess_bench import lean, pipeline, run_preprocess_bench
+from prep.bench.scale_bench import run_scale_bench
 
 REQUIRED_KEYS = {"name", "status", "seconds", "params", "rows", "goals", "notes", "extra"}
 

@@ -1,4 +1,4 @@
-"""Faults of the environment: SIGKILL + resume (a CI-sized bench/faults.py), a full disk, a
+"""Faults of the environment: SIGKILL + resume (a CI-sized prep/bench/faults.py), a full disk, a
 read-only output directory, paths of the wrong kind. Each ends with a clear one-line error and
 a non-zero exit code (or, for a kill, with a rerun that gives the uninterrupted result), the
 manifest intact and nothing lost.
@@ -20,8 +20,8 @@ from pathlib import Path
 import imagegen as ig
 import pytest
 
-from bench.faults import compare, run_faults
 from prep import fsio, journal, manifest, store
+from prep.bench.faults import compare, run_faults
 from prep.cli import main
 from prep.export import webdataset
 from prep.testing import model_flags

@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL the job at random moments, resume it, compare with an uninterrupted run.
 
-    python -m bench.faults --trials 20 [--procs 1|2] --out DIR [--seed 0] [--images 24]
+    python -m prep.bench.faults --trials 20 [--procs 1|2] --out DIR [--seed 0] [--images 24]
 
 One images folder and one tiny-models folder (under DIR) serve the reference and every trial,
 so records (which hold absolute paths) compare equal. The reference is one uninterrupted run
@@ -49,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the folder holding the `prep` package (a clone, or site-packages)
 BUCKETS = "64x64,64x128,128x64,96x96"
 TMP_MARK = ".prep-tmp"
 PASSES = ("caption", "dinov3", "vae", "t5")  # the run order of the stages
@@ -74,7 +74,7 @@ RUN_TIMEOUT = 600.0
 # counting mode, so both run in the same environment). It wraps prep.fsio.atomic_open, which
 # every file write of prep goes through, before any module binds it by name.
 SITECUSTOMIZE = r'''
-"""Fault injection for bench/faults.py (generated). PREP_FAULT=target:stage:N, PREP_FAULT_LOG=file."""
+"""Fault injection for prep/bench/faults.py (generated). PREP_FAULT=target:stage:N, PREP_FAULT_LOG=file."""
 import contextlib
 import os
 import signal
@@ -740,7 +740,7 @@ def run_faults(out: str | Path, *, trials: int = 20, procs: int = 1, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m prep.bench.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--procs", type=int, choices=(1, 2), default=1)
     parser.add_argument("--out", type=Path, required=True)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the folder holding the `prep` package (a clone, or site-packages)
 
 
 # ------------------------------------------------------------------------------- timing

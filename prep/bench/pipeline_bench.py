@@ -22,11 +22,11 @@ This file is also the child entry point (`--child` / `--naive`), run by path so 
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file by `accelerate launch bench/pipeline_bench.py`
+if __package__ in (None, ""):  # run as a file by `accelerate launch prep/bench/pipeline_bench.py`
     import sys
     from pathlib import Path
 
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import json
@@ -39,8 +39,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import data
-from bench.common import REPO, BenchResult, child_env, peak_rss_mb
+from prep.bench import data
+from prep.store import load_npy
+from prep.bench.common import REPO, BenchResult, child_env, peak_rss_mb
 
 THIS = Path(__file__).resolve()
 RUN_SIZES = {
@@ -244,7 +245,7 @@ def compare_latents(run_dir: Path, naive_dir: Path) -> float | None:
         mine = run_dir / "derived" / "vae_latents" / f"{record['image_id']}.npy"
         theirs = naive_dir / "vae" / f"{Path(record['image_path']).stem}.npy"
         if mine.exists() and theirs.exists():
-            a, b = np.load(mine).astype(np.float32), np.load(theirs).astype(np.float32)
+            a, b = load_npy(mine).astype(np.float32), load_npy(theirs).astype(np.float32)
             if a.shape != b.shape:
                 return float("inf")
             diffs.append(float(np.abs(a - b).mean()))

@@ -1,4 +1,4 @@
-"""`python -m bench all --quick --out DIR` or `python -m bench <name> [...] --out DIR`.
+"""`python -m prep.bench all --quick --out DIR` or `python -m prep.bench <name> [...] --out DIR`.
 
 Benchmarks: preprocess, pipeline, vae, export, scale, gpu. Each writes absolute numbers and
 ratios against a baseline measured in the same run to DIR/results.json and DIR/results.md.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (
+from prep.bench.common import (
     BenchResult,
     cache_dir,
     child_env,
@@ -35,14 +35,14 @@ EXPORT_RSS_FLAT_MB = 50.0
 
 
 def run_export(quick: bool, cache: Path, work: Path, sizes: tuple[int, ...] | None = None) -> BenchResult:
-    """The `export` benchmark: bench/export_bench.py's run_export_bench at each size (lazy import)."""
+    """The `export` benchmark: prep/bench/export_bench.py's run_export_bench at each size (lazy import)."""
     result = BenchResult("export")
     try:
-        module = importlib.import_module("bench.export_bench")
+        module = importlib.import_module("prep.bench.export_bench")
         run_export_bench = module.run_export_bench
     except (ImportError, AttributeError) as exc:
         result.status = "absent"
-        result.notes.append(f"bench/export_bench.py (run_export_bench) is not available: {exc}")
+        result.notes.append(f"prep/bench/export_bench.py (run_export_bench) is not available: {exc}")
         return result
     sizes = sizes or EXPORT_SIZES[quick]
     result.params["sizes"] = list(sizes)
@@ -74,13 +74,13 @@ def run_export(quick: bool, cache: Path, work: Path, sizes: tuple[int, ...] | No
 
 
 def run_isolated(name: str, args: argparse.Namespace, cache: Path, work: Path, parts: Path) -> BenchResult:
-    """One benchmark in its own `python -m bench NAME` process.
+    """One benchmark in its own `python -m prep.bench NAME` process.
 
     Keeps the parent small, so children's memory figures are their own, and one benchmark's
     imports, threads and heap cannot slow the next.
     """
     out = parts / name
-    cmd = [sys.executable, "-m", "bench", name, "--out", str(out), "--cache", str(cache), "--work", str(work),
+    cmd = [sys.executable, "-m", "prep.bench", name, "--out", str(out), "--cache", str(cache), "--work", str(work),
            "--context", str(parts)]
     if args.quick:
         cmd.append("--quick")
@@ -91,7 +91,7 @@ def run_isolated(name: str, args: argparse.Namespace, cache: Path, work: Path, p
         return BenchResult.from_dict(payload["benchmarks"][name])
     except (OSError, ValueError, KeyError) as exc:
         result = BenchResult(name, status="error", seconds=time.perf_counter() - started)
-        result.notes.append(f"`python -m bench {name}` exited {proc.returncode} without results: {exc}")
+        result.notes.append(f"`python -m prep.bench {name}` exited {proc.returncode} without results: {exc}")
         return result
 
 
@@ -110,7 +110,7 @@ def run_one(name: str, quick: bool, cache: Path, work: Path, done: dict[str, Ben
             context: Path | None = None) -> BenchResult:
     if name == "export":
         return run_guarded(name, lambda: run_export(quick, cache, work))
-    module = importlib.import_module(f"bench.{name}_bench")
+    module = importlib.import_module(f"prep.bench.{name}_bench")
     if name == "gpu":
         pre = done.get("preprocess") or load_context(context, "preprocess")
         figures = {}
@@ -122,7 +122,7 @@ def run_one(name: str, quick: bool, cache: Path, work: Path, done: dict[str, Ben
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prep.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", choices=("all", *NAMES), metavar="NAME",
                         help=f"all, or one or more of: {', '.join(NAMES)}")

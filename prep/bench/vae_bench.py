@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import data
-from bench.common import BenchResult, child_env, run_child
-from bench.pipeline_bench import run_pipeline
+from prep.bench import data
+from prep.bench.common import BenchResult, child_env, run_child
+from prep.bench.pipeline_bench import run_pipeline
 
 RUN_SIZES = {
     True: {"n_images": 4, "bare_images": 2, "batch_sizes": (1,)},
@@ -103,7 +103,7 @@ def run_vae_bench(cache: Path, work: Path, *, n_images: int, bare_images: int, s
 
     out = work / "vae-bare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_child([sys.executable, "-m", "bench.vae_bench", "--bare-child", str(out), str(vae_dir), str(bare_images),
+    run_child([sys.executable, "-m", "prep.bench.vae_bench", "--bare-child", str(out), str(vae_dir), str(bare_images),
                str(size), dtype], env=child_env(), timeout=1800)
     bare = json.loads(out.read_text())
     bare_s = sum(bare["times"]) / len(bare["times"])  # no warm-up effect here (first call ~ later ones)
@@ -140,4 +140,4 @@ def run(quick: bool, cache: Path, work: Path) -> BenchResult:
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--bare-child":
         sys.exit(bare_child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]))
-    sys.exit("usage: python -m bench.vae_bench --bare-child OUT VAE_DIR N SIZE DTYPE")
+    sys.exit("usage: python -m prep.bench.vae_bench --bare-child OUT VAE_DIR N SIZE DTYPE")

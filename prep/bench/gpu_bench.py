@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import BenchResult
-from bench.vae_bench import FLUX_VAE_CONFIG
+from prep.bench.common import BenchResult
+from prep.bench.vae_bench import FLUX_VAE_CONFIG
 
 H100_BF16_DENSE_TFLOPS = 989.0
 MFU_RANGE = (0.30, 0.50)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from bench import data
-from bench.common import BenchResult, Timer
 from prep import preprocess
+from prep.bench import data
+from prep.bench.common import BenchResult, Timer
 from prep.buckets import ASPECT_BUCKETS
 
 RUN_SIZES = {True: {"n_images": 32, "repeat": 2}, False: {"n_images": 200, "repeat": 3}}

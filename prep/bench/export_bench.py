@@ -1,6 +1,6 @@
 """Export throughput: `prep export webdataset` beside `tar -cf` of the same member files, and peak RSS.
 
-    python bench/export_bench.py --samples 2000 --workdir /tmp/export-bench
+    python -m prep.bench.export_bench.py --samples 2000 --workdir /tmp/export-bench
 
 Builds `n_samples` records of the 128x128 bucket with random side files (DINOv3 (1024,) f32,
 VAE (16,16,16) f16, T5 (77,1024) f16: ~166 KB a sample), then, from the page cache:

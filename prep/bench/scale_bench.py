@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import data
-from bench.common import BenchResult, child_env, peak_rss_mb, run_child
+from prep.bench import data
+from prep.bench.common import BenchResult, child_env, peak_rss_mb, run_child
 
 RUN_SIZES = {True: {"records": 100_000, "verify_records": 2_000}, False: {"records": 1_000_000, "verify_records": 10_000}}
 TARGET_RECORDS, TARGET_SECONDS, TARGET_RSS_MB = 1_000_000, 60.0, 1024.0
@@ -102,7 +102,8 @@ def bare_verify(base: Path, n: int) -> float:
     for kind in ("dinov3", "vae", "t5"):
         folder = artifact_dir(base, kind)
         for index in range(n):
-            array = np.load(folder / f"img{index:08d}.npy")
+            with open(folder / f"img{index:08d}.npy", "rb") as f:  # the bare library read, no checks
+                array = np.lib.format.read_array(f, allow_pickle=False)
             assert np.isfinite(array).all()
     return time.perf_counter() - started
 
@@ -121,14 +122,14 @@ def run_scale_bench(cache: Path, work: Path, *, records: int, verify_records: in
 
     # bare floor
     out = work / "bare.json"
-    run_child([sys.executable, "-m", "bench.scale_bench", "--bare", str(out), str(manifest)], env=child_env())
+    run_child([sys.executable, "-m", "prep.bench.scale_bench", "--bare", str(out), str(manifest)], env=child_env())
     bare = json.loads(out.read_text())
     base_name = "bare: stream json.loads + json.dumps + write"
     result.add(base_name, bare["seconds"], "s", note=f"peak RSS {bare['peak_rss_mb']:.0f} MB")
 
     # prep
     out = work / "prep.json"
-    run_child([sys.executable, "-m", "bench.scale_bench", "--prep", str(out), str(manifest), str(side_base),
+    run_child([sys.executable, "-m", "prep.bench.scale_bench", "--prep", str(out), str(manifest), str(side_base),
                str(verify_records)], env=child_env(), timeout=1800)
     prep = json.loads(out.read_text())
     total = 0.0
@@ -187,4 +188,4 @@ if __name__ == "__main__":
     elif mode == "--bare":
         child_bare(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
-        sys.exit("usage: python -m bench.scale_bench --prep OUT MANIFEST SIDE_BASE SIDE_N | --bare OUT MANIFEST")
+        sys.exit("usage: python -m prep.bench.scale_bench --prep OUT MANIFEST SIDE_BASE SIDE_N | --bare OUT MANIFEST")
