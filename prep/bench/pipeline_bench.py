@@ -40,8 +40,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prep.bench import data
-from prep.store import load_npy
 from prep.bench.common import REPO, BenchResult, child_env, peak_rss_mb
+from prep.store import load_npy
 
 THIS = Path(__file__).resolve()
 RUN_SIZES = {
