@@ -236,27 +236,30 @@ def finite_rows(values):
 
 
 def quiet_libraries() -> None:
-    """Silence the libraries' own progress bars and per-load chatter (prep shows one bar per pass)."""
+    """Silence the libraries' own progress bars and per-load chatter (prep shows one bar per pass).
+
+    Environment variables for libraries not imported yet (importing diffusers costs seconds),
+    their switches for those already imported.
+    """
     import logging
+    import sys
 
-    with contextlib.suppress(ImportError):
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.logging.set_verbosity_error()
-    with contextlib.suppress(ImportError):
-        import diffusers
-
-        diffusers.utils.logging.disable_progress_bar()
-        diffusers.logging.set_verbosity_error()
-    with contextlib.suppress(ImportError):
-        import huggingface_hub
-
-        huggingface_hub.utils.disable_progress_bars()
+    for name, value in (
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(name, value)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        sys.modules["transformers"].logging.set_verbosity_error()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.disable_progress_bar()
+        sys.modules["diffusers"].logging.set_verbosity_error()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     for name in ("httpx", "urllib3", "filelock", "PIL", "datasets", "huggingface_hub", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)

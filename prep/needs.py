@@ -179,15 +179,16 @@ def _check_files(batch, stage, yard: Yardstick, candidates, ids, need, work: Sta
     from prep.manifest import hash64
 
     name = stage.name
-    folder = Path(yard.derived_dir) / stage.artifact.folder
+    folder = os.path.join(yard.derived_dir, stage.artifact.folder, "")
     sizes = _ints(batch, f"{name}__file_size")
     mtimes = _ints(batch, f"{name}__file_mtime")
     shas = _ints(batch, f"{name}__file_sha")
     rows = batch.column("row").to_numpy()
+    stat = os.stat
     for i in candidates.tolist():
-        path = folder / f"{ids[i]}.npy"
+        path = folder + ids[i] + ".npy"
         try:
-            st = os.stat(path)
+            st = stat(path)
         except (OSError, ValueError):
             need[i] = True
             continue

@@ -153,7 +153,7 @@ def refresh_fingerprints(prep: Preparation) -> None:
 def scan_images(prep: Preparation) -> None:
     """Records for images under `--images` that the manifest does not know yet."""
     from prep.progress import progress
-    from prep.scan import assign_image_ids, iter_image_files, read_headers, relative_key
+    from prep.scan import assign_image_ids, iter_image_paths, read_headers, relative_key
 
     opts = prep.opts
     if opts.images is None:
@@ -162,15 +162,14 @@ def scan_images(prep: Preparation) -> None:
     known = {os.path.normpath(p) for p in prep.column("image_path")}
     known.update(os.path.normpath(p) for p in (r["image_path"] for r in prep.changed.values()))
     candidates = []
-    for path in progress(iter_image_files(root), desc="scan", unit="file"):
-        text = os.path.normpath(str(path))
-        if text in known:
+    for path in progress(iter_image_paths(root), desc="scan", unit="file"):
+        if path in known or os.path.normpath(path) in known:
             continue
         same = _same_file_row(prep, path)
         if same is not None:
             logger.debug("%s is the image of record %s (same file): no second record", path, same)
             continue
-        candidates.append(path)
+        candidates.append(Path(path))
     headers = list(progress(read_headers(candidates), total=len(candidates), desc="headers", unit="img"))
     readable = []
     for header in headers:
@@ -192,7 +191,7 @@ def scan_images(prep: Preparation) -> None:
         logger.debug("new %s: %s %dx%d -> %s", image_id, header.path, header.width, header.height, bucket)
 
 
-def _same_file_row(prep: Preparation, path: Path) -> int | None:
+def _same_file_row(prep: Preparation, path: str) -> int | None:
     """The row whose image is this very file (same device and inode), if any."""
     if not prep.inodes:
         return None

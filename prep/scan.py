@@ -40,12 +40,30 @@ class ImageHeader:
 
 def iter_image_files(root: str | Path) -> Iterator[Path]:
     """Every image file under `root`, recursively, in a stable (sorted) order; hidden dirs skipped."""
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath) / name
+    for path in iter_image_paths(root):
+        yield Path(path)
+
+
+def iter_image_paths(root: str | Path) -> Iterator[str]:
+    """Like `iter_image_files`, as strings (no Path objects: a million files walk in seconds)."""
+    stack = [os.fspath(root)]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield entry.path
+        stack.extend(reversed(subdirs))
 
 
 def _jpeg_has_eoi(data: bytes) -> bool:

@@ -1,25 +1,32 @@
-"""scale: manifest handling at a million records, and verify throughput on real side files.
+"""scale: a million records as a real run writes them, then how time and memory grow toward ten million.
 
-Manifest (a child process per contender, so peak RSS is its own, from getrusage):
+The fixture (`data.build_real_dataset`): the real pipeline runs once with tiny models on a few
+images; its records (fingerprint, four provenance stamps with file stamps, the 77-int mask, a
+caption: about 2 KB each) are replicated with new ids and paths, and every image and side file
+of a replica is a hard link, so a million records cost a 2 GB manifest and almost no other disk.
 
-- prep: `read_manifest(...).to_dataset()`, a readiness filter that reads no arrays
-  (`Dataset.filter` on the projected columns, and `validate_record` on every full record),
-  `.npy` header checks on the subset that has side files (`store.readiness_reasons`), then
-  `write_manifest` of every record;
-- bare: the floor in plain Python: stream the file, `json.loads` + `json.dumps` each line,
-  write it back (no validation, no Dataset).
+Goals (issue "Scale"), each command in its own process (wall time and peak RSS are its own):
 
-Verify: `prep.verify.verify_manifest` over records with valid side files (3 per record,
-real shapes of the default buckets), against a bare single-threaded `np.load` + isfinite loop.
-Files were just written, so both read from the page cache.
+1. `prep run` on the finished dataset, nothing to do (every record complete): < 60 s and < 2 GB,
+   reporting every record skipped; cold (no projection cache: the first run after the manifest
+   was edited by hand) and warm.
+2. 200 new images added to it: the time beyond the no-op run, against the same 200 images run
+   into an empty manifest (goal: within 1.5x).
+3. `prep export webdataset --dry-run` (< 120 s, < 2 GB) and `prep verify` (its time beyond a bare
+   threaded `np.load` of the same files under 60 s, < 2 GB).
+4. Growth: load (cold and warm) + every stage's `needs` filter + one checkpoint (a journal of
+   1,000 updates folded in) at n, 2n and 4n records; a linear fit projects 10M (< 10 min, < 4 GB).
+
+Baselines measured in the same run: `wc -l`, a streaming `json.loads` of every line, `stat` of
+every side file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,165 +34,291 @@ from pathlib import Path
 from prep.bench import data
 from prep.bench.common import BenchResult, child_env, peak_rss_mb, run_child
 
-RUN_SIZES = {True: {"records": 100_000, "verify_records": 2_000}, False: {"records": 1_000_000, "verify_records": 10_000}}
-TARGET_RECORDS, TARGET_SECONDS, TARGET_RSS_MB = 1_000_000, 60.0, 1024.0
+SIZES = {True: {"records": 100_000, "growth": (100_000, 200_000, 400_000)},
+         False: {"records": 1_000_000, "growth": (1_000_000, 2_000_000, 4_000_000)}}
+NEW_IMAGES = 200
+GOALS = {"noop_s": 60.0, "rss_mb": 2048.0, "added_ratio": 1.5, "export_s": 120.0, "verify_beyond_s": 60.0,
+         "ten_million_s": 600.0, "ten_million_mb": 4096.0}
 
 
-def child_prep(out: Path, manifest: Path, base: Path, side_n: int) -> None:
-    import datasets
+# ------------------------------------------------------------------------- child processes
+def child_cli(out: Path, argv: list[str]) -> None:
+    """Run one `prep` command in this process; record its wall time, peak RSS and output."""
+    import contextlib
+    import io
 
-    from prep.manifest import read_manifest, write_manifest
-    from prep.records import validate_record
-    from prep.store import readiness_reasons
+    from prep.cli import main
 
-    datasets.disable_progress_bars()
-    rss_start = peak_rss_mb()
+    stdout = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    seconds = time.perf_counter() - started
+    out.write_text(json.dumps({"code": code, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                               "stdout": stdout.getvalue()[-4000:]}))
+
+
+def child_growth(out: Path, manifest: Path, derived: Path, models_dir: Path) -> None:
+    """Load (cold, then warm) + every stage's needs filter + one checkpoint, timed, in one process."""
+    from prep import journal, provenance, stages
+    from prep.manifest import cache_file, read_manifest
+    from prep.models import quiet_libraries
+    from prep.needs import Yardstick, plan_stage
+
+    quiet_libraries()
     times = {}
+    cache_file(manifest).unlink(missing_ok=True)
     started = time.perf_counter()
     m = read_manifest(manifest)
-    ds = m.to_dataset()
-    times["read_manifest + to_dataset"] = time.perf_counter() - started
-    rss_loaded = peak_rss_mb()
-
+    times["load, cold (parse + write the cache)"] = time.perf_counter() - started
+    rss_cold = peak_rss_mb()
+    del m
     started = time.perf_counter()
-    ready = ds.filter(
-        lambda b: [c is not None and ok and not mig for c, ok, mig in zip(b["caption"], b["mask_ok"], b["needs_migration"], strict=True)],
-        batched=True, batch_size=10_000, keep_in_memory=True, load_from_cache_file=False,
-    )
-    times["Dataset.filter on projected columns"] = time.perf_counter() - started
-
+    m = read_manifest(manifest)
+    dataset = m.to_dataset()
+    times["load, warm (memory-mapped cache)"] = time.perf_counter() - started
+    expected = _expected(derived)
     started = time.perf_counter()
-    valid = sum(1 for record in m if not validate_record(record))
-    times["validate_record on every record"] = time.perf_counter() - started
-
+    todo = 0
+    for stage in stages.STAGES.values():
+        yard = Yardstick(derived_dir=derived, expected=provenance.Expected({stage.name: expected.get(stage.name, {})}))
+        needed, _ = plan_stage(dataset, stage, yard)
+        todo += len(needed)
+    times["needs filters of every stage"] = time.perf_counter() - started
+    ids = m.table.column("image_id").slice(0, 1000).to_pylist()
+    writer = journal.Journal(manifest, 0)
+    writer.append({"image_id": i, "bench_note": "checkpoint"} for i in ids)
+    writer.close()
     started = time.perf_counter()
-    headers_ok = 0
-    for index, record in enumerate(m):
-        if index >= side_n:
-            break
-        headers_ok += not readiness_reasons(record, base)
-    times["readiness_reasons (.npy headers) on the side-file subset"] = time.perf_counter() - started
+    m = journal.merge_into_manifest(manifest, m)
+    times["one checkpoint (fold 1,000 updates: streaming rewrite)"] = time.perf_counter() - started
+    journal.clear(manifest)
+    out.write_text(json.dumps({"records": len(m), "todo": todo, "times": times, "rss_after_cold_mb": rss_cold,
+                               "peak_rss_mb": peak_rss_mb()}))
 
+
+def _expected(derived: Path) -> dict:
+    from prep.store import read_metadata
+
+    models = read_metadata(derived).get("models") or {}
+    return {kind: {"model_id": e.get("model_id"), "revision": e.get("revision")} for kind, e in models.items()}
+
+
+def child_baselines(out: Path, manifest: Path, derived: Path) -> None:
+    """The floors: a streaming json.loads of every line, and a stat of every side file."""
+    from prep.store import file_artifacts
+
+    times = {}
     started = time.perf_counter()
-    written = write_manifest(manifest.with_name("rewritten.jsonl"), m, m.rejected)
-    times["write_manifest"] = time.perf_counter() - started
-    manifest.with_name("rewritten.jsonl").unlink()
-    out.write_text(json.dumps({
-        "records": len(m), "ready_rows": len(ready), "valid": valid, "headers_ok": headers_ok, "written": written,
-        "times": times, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
-    }))
-
-
-def child_bare(out: Path, manifest: Path) -> None:
-    rss_start = peak_rss_mb()
-    started = time.perf_counter()
-    target = manifest.with_name("bare.jsonl")
     count = 0
-    with open(manifest, encoding="utf-8") as src, open(target, "w", encoding="utf-8") as dst:
-        for line in src:
-            record = json.loads(line)
-            dst.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+    with open(manifest, "rb") as f:
+        for line in f:
+            json.loads(line)
             count += 1
-        dst.flush()
-        os.fsync(dst.fileno())
-    seconds = time.perf_counter() - started
-    target.unlink()
-    out.write_text(json.dumps({"records": count, "seconds": seconds, "rss_start_mb": rss_start, "peak_rss_mb": peak_rss_mb()}))
+    times["stream json.loads of every line"] = time.perf_counter() - started
+    started = time.perf_counter()
+    stats = 0
+    for artifact in file_artifacts().values():
+        with os.scandir(derived / artifact.folder) as it:
+            for entry in it:
+                os.stat(entry.path)
+                stats += 1
+    times[f"stat of every side file ({stats:,})"] = time.perf_counter() - started
+    out.write_text(json.dumps({"records": count, "times": times, "peak_rss_mb": peak_rss_mb()}))
 
 
-def bare_verify(base: Path, n: int) -> float:
+def child_bare_verify(out: Path, derived: Path, threads: int = 8) -> None:
+    """The floor of verify: every side file read with np.load (threads), and np.isfinite."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
-    from prep.store import artifact_dir
+    from prep.store import file_artifacts
 
+    def read(path: str) -> bool:
+        with open(path, "rb") as f:  # the bare library read, no checks
+            return bool(np.isfinite(np.lib.format.read_array(f, allow_pickle=False)).all())
+
+    paths = [entry.path for a in file_artifacts().values() for entry in os.scandir(derived / a.folder)]
     started = time.perf_counter()
-    for kind in ("dinov3", "vae", "t5"):
-        folder = artifact_dir(base, kind)
-        for index in range(n):
-            with open(folder / f"img{index:08d}.npy", "rb") as f:  # the bare library read, no checks
-                array = np.lib.format.read_array(f, allow_pickle=False)
-            assert np.isfinite(array).all()
-    return time.perf_counter() - started
+    with ThreadPoolExecutor(threads) as pool:
+        finite = sum(pool.map(read, paths, chunksize=256))
+    out.write_text(json.dumps({"files": len(paths), "finite": finite, "seconds": time.perf_counter() - started,
+                               "peak_rss_mb": peak_rss_mb()}))
 
 
-def run_scale_bench(cache: Path, work: Path, *, records: int, verify_records: int) -> BenchResult:
-    from prep.verify import verify_manifest
+def _child(work: Path, name: str, args: list[str], timeout: float = 3600) -> dict:
+    out = work / f"{name}.json"
+    run_child([sys.executable, "-m", "prep.bench.scale_bench", *args[:1], str(out), *args[1:]], env=child_env(),
+              timeout=timeout)
+    return json.loads(out.read_text())
+
+
+def _cli(work: Path, name: str, argv: list[str], timeout: float = 3600) -> dict:
+    return _child(work, name, ["--cli", "--", *argv], timeout)
+
+
+# ------------------------------------------------------------------------------ the runs
+def run_args(paths: dict, models: dict, images: Path | None = None) -> list[str]:
+    from prep.testing import model_flags
+
+    return ["run", "--images", str(images or paths["images"]), "--manifest", str(paths["manifest"]),
+            "--derived-dir", str(paths["derived"]), "--buckets", data.REAL_BUCKETS, "--min-free-gb", "0",
+            "--num-workers", "1", *model_flags(models, caption_max_new_tokens=40)]
+
+
+def new_images(folder: Path, n: int) -> Path:
+    from prep.testing import make_test_images
+
+    if not folder.is_dir() or len(list(folder.iterdir())) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        made = []
+        seed = 1000
+        while len(made) < n:
+            made += make_test_images(folder / f"s{seed}", seed=seed)
+            seed += 1
+        for i, path in enumerate(made):
+            if i < n:
+                path.rename(folder / f"new{i:04d}{path.suffix}")
+            else:
+                path.unlink()
+        for sub in folder.glob("s*"):
+            shutil.rmtree(sub)
+    return folder
+
+
+def _snapshot(paths: dict, into: Path) -> None:
+    """Keep the manifest and its metadata aside (the side files of new records are told apart by name)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in (paths["manifest"], paths["derived"] / "prep_metadata.json"):
+        shutil.copy2(path, into / path.name)
+
+
+def _restore(paths: dict, into: Path) -> None:
+    from prep.store import file_artifacts
+
+    shutil.copy2(into / paths["manifest"].name, paths["manifest"])
+    shutil.copy2(into / "prep_metadata.json", paths["derived"] / "prep_metadata.json")
+    for artifact in file_artifacts().values():
+        for path in (paths["derived"] / artifact.folder).glob("new*.npy"):
+            path.unlink()
+    shutil.rmtree(paths["images"] / "new", ignore_errors=True)
+
+
+def goal_noop_and_added(result: BenchResult, cache: Path, work: Path, paths: dict, models: dict, n: int) -> None:
+    from prep.manifest import cache_file
+
+    cache_file(paths["manifest"]).unlink(missing_ok=True)
+    cold = _cli(work, "noop-cold", run_args(paths, models))
+    warm = _cli(work, "noop-warm", run_args(paths, models))
+    skipped = f"{n} skipped"
+    for label, ran in (("cold: no projection cache", cold), ("warm", warm)):
+        ok = ran["code"] == 0 and skipped in ran["stdout"]
+        result.add(f"1. prep run, nothing to do, {n:,} records ({label})", ran["seconds"], "s",
+                   note=f"peak RSS {ran['peak_rss_mb']:.0f} MB; {'reports ' + skipped if ok else 'WRONG: ' + ran['stdout'][-200:]}")
+    scale = 1_000_000 / n
+    result.goal(f"no-op run at 1M records (warm){'' if scale == 1 else f', projected x{scale:g}'}",
+                warm["seconds"] * scale, f"< {GOALS['noop_s']:.0f} s", warm["seconds"] * scale < GOALS["noop_s"])
+    result.goal("no-op run peak RSS", warm["peak_rss_mb"], f"< {GOALS['rss_mb']:.0f} MB",
+                warm["peak_rss_mb"] < GOALS["rss_mb"])
+    fresh = new_images(cache / f"new-images-{NEW_IMAGES}", NEW_IMAGES)
+    empty = {"manifest": work / "empty" / "manifest.jsonl", "derived": work / "empty" / "derived", "images": fresh}
+    shutil.rmtree(work / "empty", ignore_errors=True)
+    alone = _cli(work, "alone", run_args(empty, models))
+    snapshot = work / "snapshot"
+    _snapshot(paths, snapshot)
+    shutil.copytree(fresh, paths["images"] / "new")
+    try:
+        added = _cli(work, "added", run_args(paths, models))
+    finally:
+        _restore(paths, snapshot)
+    beyond = added["seconds"] - warm["seconds"]
+    result.add(f"2. {NEW_IMAGES} images into an empty manifest", alone["seconds"], "s",
+               note=f"peak RSS {alone['peak_rss_mb']:.0f} MB")
+    result.add(f"2. {NEW_IMAGES} images added to the {n:,}-record dataset: time beyond the no-op run", beyond, "s",
+               baseline=f"2. {NEW_IMAGES} images into an empty manifest",
+               note=f"whole run {added['seconds']:.1f} s, peak RSS {added['peak_rss_mb']:.0f} MB")
+    ratio = beyond / alone["seconds"]
+    result.goal("adding 200 images: time beyond the no-op run vs the same 200 alone", ratio,
+                f"<= {GOALS['added_ratio']}x", ratio <= GOALS["added_ratio"])
+
+
+def goal_export_and_verify(result: BenchResult, work: Path, paths: dict, n: int) -> None:
+    export = _cli(work, "export-dry", ["export", "webdataset", "--manifest", str(paths["manifest"]), "--derived-dir",
+                                       str(paths["derived"]), "--output-dir", str(work / "shards"), "--dry-run"])
+    result.add(f"3. prep export webdataset --dry-run, {n:,} records", export["seconds"], "s",
+               note=f"peak RSS {export['peak_rss_mb']:.0f} MB")
+    scale = 1_000_000 / n
+    result.goal("export --dry-run at 1M records" + ("" if scale == 1 else f" (projected x{scale:g})"),
+                export["seconds"] * scale, f"< {GOALS['export_s']:.0f} s", export["seconds"] * scale < GOALS["export_s"])
+    bare = _child(work, "bare-verify", ["--bare-verify", str(paths["derived"])])
+    verify = _cli(work, "verify", ["verify", "--manifest", str(paths["manifest"]), "--derived-dir", str(paths["derived"])])
+    result.add(f"3. bare np.load + isfinite of the {bare['files']:,} side files (8 threads)", bare["seconds"], "s")
+    result.add(f"3. prep verify, {n:,} records", verify["seconds"], "s", baseline=f"3. bare np.load + isfinite of the {bare['files']:,} side files (8 threads)",
+               note=f"peak RSS {verify['peak_rss_mb']:.0f} MB, exit {verify['code']}")
+    beyond = (verify["seconds"] - bare["seconds"]) * scale
+    result.goal("verify: time beyond the bare read at 1M records" + ("" if scale == 1 else f" (projected x{scale:g})"),
+                beyond, f"< {GOALS['verify_beyond_s']:.0f} s", beyond < GOALS["verify_beyond_s"])
+    result.goal("verify / export peak RSS", max(verify["peak_rss_mb"], export["peak_rss_mb"]),
+                f"< {GOALS['rss_mb']:.0f} MB", max(verify["peak_rss_mb"], export["peak_rss_mb"]) < GOALS["rss_mb"])
+
+
+def goal_growth(result: BenchResult, cache: Path, work: Path, models: dict, sizes: tuple[int, ...]) -> None:
+    import numpy as np
+
+    figures = []
+    for n in sizes:
+        paths = data.build_real_dataset(cache / f"real-{n}", n, models, progress=False)
+        figures.append(_child(work, f"growth-{n}", ["--growth", str(paths["manifest"]), str(paths["derived"]), "x"]))
+        for step, seconds in figures[-1]["times"].items():
+            result.add(f"4. {n:,} records: {step}", seconds, "s")
+        result.add(f"4. {n:,} records: peak RSS", figures[-1]["peak_rss_mb"], "MB")
+    xs = np.asarray(sizes, dtype=float)
+    for metric, unit, goal in (("seconds", "s", GOALS["ten_million_s"]), ("peak_rss_mb", "MB", GOALS["ten_million_mb"])):
+        ys = np.asarray([sum(f["times"].values()) if metric == "seconds" else f[metric] for f in figures])
+        slope, intercept = np.polyfit(xs, ys, 1)
+        projected = slope * 10_000_000 + intercept
+        linear = float(np.corrcoef(xs, ys)[0, 1]) if len(xs) > 2 else 1.0
+        result.goal(f"10M records projected ({metric}: load + needs + checkpoint; fit r={linear:.3f})",
+                    projected, f"< {goal:.0f} {unit}", projected < goal)
+
+
+def run_scale_bench(cache: Path, work: Path, *, records: int, growth: tuple[int, ...]) -> BenchResult:
+    from prep.testing import make_tiny_models
 
     result = BenchResult("scale")
     work.mkdir(parents=True, exist_ok=True)
-    result.params = {"records": records, "verify records": verify_records, "side files": 3 * verify_records}
-    manifest = data.write_synthetic_manifest(cache / f"scale-manifest-{records}.jsonl", records)
-    side_base = cache / f"side-files-{verify_records}"
-    data.write_side_files(side_base, verify_records)
-    size_mb = manifest.stat().st_size / 1e6
-    result.params["manifest MB"] = round(size_mb)
-
-    # bare floor
-    out = work / "bare.json"
-    run_child([sys.executable, "-m", "prep.bench.scale_bench", "--bare", str(out), str(manifest)], env=child_env())
-    bare = json.loads(out.read_text())
-    base_name = "bare: stream json.loads + json.dumps + write"
-    result.add(base_name, bare["seconds"], "s", note=f"peak RSS {bare['peak_rss_mb']:.0f} MB")
-
-    # prep
-    out = work / "prep.json"
-    run_child([sys.executable, "-m", "prep.bench.scale_bench", "--prep", str(out), str(manifest), str(side_base),
-               str(verify_records)], env=child_env(), timeout=1800)
-    prep = json.loads(out.read_text())
-    total = 0.0
-    for name, seconds in prep["times"].items():
-        total += seconds
-        unit_note = f"{records / seconds:,.0f} rec/s" if "subset" not in name else f"{verify_records / seconds:,.0f} rec/s"
-        result.add(f"prep: {name}", seconds, "s", note=unit_note)
-    manifest_total = total - prep["times"]["readiness_reasons (.npy headers) on the side-file subset"]
-    result.add("prep: load + filter + validate + write (no header checks)", manifest_total, "s",
-               baseline=base_name, invert=True, note="ratio > 1: faster than the bare floor")
-    peak = prep["peak_rss_mb"]
-    result.add("prep: peak RSS", peak, "MB", note=f"after imports {prep['rss_start_mb']:.0f} MB, after load "
-               f"{prep['rss_loaded_mb']:.0f} MB; ready rows {prep['ready_rows']}, valid {prep['valid']}")
-
-    # verify
-    from prep.manifest import write_manifest
-
-    verify_manifest_path = work / "verify-manifest.jsonl"
-    masks = data._mask_texts()  # noqa: SLF001
-    lines = [json.loads(data.synthetic_record_line(i, masks, data.ASPECT_BUCKETS)) for i in range(verify_records)]
-    write_manifest(verify_manifest_path, lines)
-    t_bare = bare_verify(side_base, verify_records)
-    files = 3 * verify_records
-    verify_base = "bare np.load + isfinite, 1 thread"
-    result.add(verify_base, files / t_bare, "files/s")
+    models = make_tiny_models(cache / "tiny-models")
+    paths = data.build_real_dataset(cache / f"real-{records}", records, models, progress=False)
+    result.params = {"records": records, "manifest MB": round(paths["manifest"].stat().st_size / 1e6),
+                     "growth": list(growth)}
     started = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
-        report = verify_manifest(verify_manifest_path, side_base)
-    t_verify = time.perf_counter() - started
-    result.add("prep.verify.verify_manifest (8 threads)", files / t_verify, "files/s", baseline=verify_base,
-               note="ok" if report.ok else f"NOT ok: {report.to_dict()['artifacts']}")
-
-    # goals (extrapolated linearly when fewer than a million records were measured)
-    factor = TARGET_RECORDS / records
-    projected = manifest_total * factor
-    scaled = f" (projected x{factor:g})" if factor != 1 else ""
-    result.goal(f"manifest load + filter + write at 1M records{scaled}",
-                projected, f"< {TARGET_SECONDS:.0f} s", projected < TARGET_SECONDS)
-    rss_growth = peak - prep["rss_start_mb"]
-    projected_rss = prep["rss_start_mb"] + rss_growth * factor
-    result.goal(f"peak RSS at 1M records{scaled}",
-                projected_rss, f"< {TARGET_RSS_MB:.0f} MB", projected_rss < TARGET_RSS_MB)
-    result.extra = {"prep": prep, "bare": bare, "verify_seconds": t_verify, "bare_verify_seconds": t_bare}
+    subprocess.run(["wc", "-l", str(paths["manifest"])], check=True, capture_output=True)
+    result.add("baseline: wc -l", time.perf_counter() - started, "s")
+    base = _child(work, "baselines", ["--baselines", str(paths["manifest"]), str(paths["derived"])])
+    for step, seconds in base["times"].items():
+        result.add(f"baseline: {step}", seconds, "s")
+    goal_noop_and_added(result, cache, work, paths, models, records)
+    goal_export_and_verify(result, work, paths, records)
+    goal_growth(result, cache, work, models, growth)
     return result
 
 
 def run(quick: bool, cache: Path, work: Path) -> BenchResult:
-    sizes = RUN_SIZES[quick]
-    return run_scale_bench(cache, work / "scale", records=sizes["records"], verify_records=sizes["verify_records"])
+    sizes = SIZES[quick]
+    return run_scale_bench(cache, work / "scale", records=sizes["records"], growth=sizes["growth"])
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode == "--prep":
-        child_prep(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
-    elif mode == "--bare":
-        child_bare(Path(sys.argv[2]), Path(sys.argv[3]))
+    mode, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if mode == "--cli":
+        child_cli(Path(rest[0]), rest[2:] if rest[1:2] == ["--"] else rest[1:])
+    elif mode == "--growth":
+        child_growth(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]))
+    elif mode == "--baselines":
+        child_baselines(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    elif mode == "--bare-verify":
+        child_bare_verify(Path(rest[0]), Path(rest[1]))
     else:
-        sys.exit("usage: python -m prep.bench.scale_bench --prep OUT MANIFEST SIDE_BASE SIDE_N | --bare OUT MANIFEST")
+        sys.exit("usage: python -m prep.bench.scale_bench --cli OUT -- ARGV | --growth OUT MANIFEST DERIVED X | "
+                 "--baselines OUT MANIFEST DERIVED | --bare-verify OUT DERIVED")
