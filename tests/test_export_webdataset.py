@@ -17,6 +17,7 @@ from helpers_export import SMALL_BUCKETS, build_dataset, side_arrays, tar_bytes
 
 from prep import store
 from prep.cli import main
+from prep.export import tarwriter
 from prep.export import webdataset as wexp
 from prep.export.webdataset import export_webdataset
 
@@ -214,7 +215,7 @@ def test_existing_export_needs_overwrite(data, baseline, tmp_path):
 
 def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = wexp._add_sample
+    real = tarwriter.add_sample
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -223,10 +224,10 @@ def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(wexp, "_add_sample", flaky)
+    monkeypatch.setattr(tarwriter, "add_sample", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _export(data, out, shard_size=2)
-    monkeypatch.setattr(wexp, "_add_sample", real)
+    monkeypatch.setattr(tarwriter, "add_sample", real)
 
     assert not (out / "index.json").exists()
     assert not list(out.rglob("*.prep-tmp"))  # the half-written shard's temp file is gone
@@ -280,7 +281,7 @@ def test_unsafe_id_refused(data, tmp_path):
             wexp.check_key(bad)
     record = dict(data["records"][0], image_id="x.y")
     with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar, pytest.raises(ValueError, match="x.y"):
-        wexp._add_sample(tar, record, data["derived"], [], hashlib.sha256())
+        tarwriter.add_sample(tar, record, data["derived"], [], hashlib.sha256())
 
 
 def test_empty_export(tmp_path):
