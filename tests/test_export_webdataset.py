@@ -215,7 +215,7 @@ def test_existing_export_needs_overwrite(data, baseline, tmp_path):
 
 def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = tarwriter.add_sample
+    real = tarwriter.sample_members
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -224,10 +224,10 @@ def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tarwriter, "add_sample", flaky)
+    monkeypatch.setattr(tarwriter, "sample_members", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _export(data, out, shard_size=2)
-    monkeypatch.setattr(tarwriter, "add_sample", real)
+        _export(data, out, shard_size=2, num_workers=1)
+    monkeypatch.setattr(tarwriter, "sample_members", real)
 
     assert not (out / "index.json").exists()
     assert not list(out.rglob("*.prep-tmp"))  # the half-written shard's temp file is gone
@@ -280,8 +280,9 @@ def test_unsafe_id_refused(data, tmp_path):
         with pytest.raises(ValueError, match="refusing to export image_id"):
             wexp.check_key(bad)
     record = dict(data["records"][0], image_id="x.y")
-    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar, pytest.raises(ValueError, match="x.y"):
-        tarwriter.add_sample(tar, record, data["derived"], [], hashlib.sha256())
+    ctx = tarwriter.WriteContext(str(tmp_path), str(data["derived"]))
+    with pytest.raises(ValueError, match="x.y"):
+        tarwriter.sample_members(ctx, record, hashlib.sha256())
 
 
 def test_empty_export(tmp_path):

@@ -1,24 +1,30 @@
 """Which manifest records can be exported: a valid v2 record and three valid side files.
 
-A record with several problems counts under each reason. Unless `allow_stale`, an artifact
-whose provenance is stale (image or caption edited, bucket or model changed since, judged
-against the last run's models) is not ready.
+One pass over the manifest's records, each checked once: `prep.records.validate_record`,
+then one read of each .npy header (shape, dtype, C order, file size exactly header +
+payload: prep/export/npycheck.py) and, unless `allow_stale`, the provenance of each artifact
+(stale: image or caption edited, bucket or model changed since, judged against the last
+run's models). A record with several problems counts under each reason. Records are
+checked in chunks, in worker processes when a pool is given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
+import functools
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from prep import store
+from prep.export.npycheck import header_status
 from prep.manifest import Manifest
-from prep.provenance import expected_from_metadata
+from prep.provenance import Expected, artifact_status, expected_from_metadata, is_stale
+from prep.records import validate_record
+
+CHUNK = 2000
 
 
 @dataclass
@@ -33,22 +39,83 @@ class Readiness:
     excluded: int = 0  # outside the selected buckets
 
 
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(repr((parts, time.time_ns(), os.getpid())).encode()).hexdigest()[:32]
+@dataclass(frozen=True)
+class ReadyContext:
+    base: str
+    yardstick: Expected | None = None
+    selected: frozenset[str] | None = None
 
 
-def _select_buckets(ds, selected: set[str] | None):
-    if selected is None:
-        return ds, 0
-    total = len(ds)
-    ds = ds.filter(
-        lambda b: [x in selected for x in b],
-        input_columns="aspect_bucket",
-        batched=True,
-        new_fingerprint=_fingerprint("bucket", sorted(selected)),
-        desc="select buckets",
+@dataclass
+class ChunkResult:
+    """The readiness of one chunk, compact: arrays, not one Python object per record."""
+
+    rows: np.ndarray  # ready rows (int64)
+    codes: np.ndarray  # bucket code of each ready row (int64), into `names`
+    names: list[str]
+    reasons: Counter
+    not_ready: int = 0
+    excluded: int = 0
+
+
+@functools.lru_cache(maxsize=64)
+def _vae_shape(bucket: str) -> tuple[int, ...]:
+    return store.expected_shape("vae", {"aspect_bucket": bucket})
+
+
+def _expected_shape(kind: str, record: dict) -> tuple[int, ...]:
+    return _vae_shape(record["aspect_bucket"]) if kind == "vae" else store.expected_shape(kind, record)
+
+
+def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
+    """Why `record` cannot be exported (empty list = ready); mirrors `store.readiness_reasons`."""
+    reasons = validate_record(record)
+    if "missing image_id" in reasons or "unsafe image_id" in reasons:
+        return reasons
+    no_bucket = "missing aspect_bucket" in reasons or "bad aspect_bucket" in reasons
+    for kind, spec in store.ARTIFACTS.items():
+        if kind == "vae" and no_bucket:
+            continue
+        path = f"{ctx.base}/{spec.folder}/{record['image_id']}.npy"
+        status = header_status(path, _expected_shape(kind, record), spec.dtype)
+        if status == "missing":
+            reasons.append(f"{kind} missing")
+        elif status is not None:
+            reasons.append(f"{kind} invalid")
+        elif ctx.yardstick is not None and is_stale(artifact_status(kind, record, ctx.yardstick)):
+            reasons.append(f"{kind} stale")
+    return reasons
+
+
+def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict]) -> ChunkResult:
+    """The readiness of a chunk of records (what a worker process runs)."""
+    ready: list[int] = []
+    codes: dict[str, int] = {}
+    code_list: list[int] = []
+    reasons: Counter = Counter()
+    excluded = not_ready = 0
+    for row, record in zip(rows, records, strict=True):
+        bucket = record.get("aspect_bucket")
+        if ctx.selected is not None and bucket not in ctx.selected:
+            excluded += 1
+            continue
+        problems = record_reasons(record, ctx)
+        if problems:
+            not_ready += 1
+            reasons.update(problems)
+        else:
+            ready.append(row)
+            code_list.append(codes.setdefault(bucket, len(codes)))
+    return ChunkResult(
+        np.asarray(ready, dtype=np.int64), np.asarray(code_list, dtype=np.int64), list(codes), reasons,
+        not_ready, excluded,
     )
-    return ds, total - len(ds)
+
+
+def _chunks(manifest: Manifest, ctx: ReadyContext) -> Iterator[tuple[int, tuple]]:
+    for start in range(0, len(manifest), CHUNK):
+        rows = list(range(start, min(start + CHUNK, len(manifest))))
+        yield start, (ctx, rows, [manifest.record(row) for row in rows])
 
 
 def readiness(
@@ -56,52 +123,31 @@ def readiness(
     derived_dir: Path,
     selected: set[str] | None = None,
     *,
-    num_proc: int | None = None,
     allow_stale: bool = False,
+    pool=None,
 ) -> Readiness:
-    """Check every record of `manifest` (in buckets `selected`, None = all) with `store.readiness_reasons`."""
-    import pyarrow.compute as pc
-
-    ds, excluded = _select_buckets(manifest.to_dataset(), selected)
-    base = str(derived_dir)
+    """Check every record of `manifest` in the buckets `selected` (None = all); `pool`: a WorkerPool."""
     yardstick = None if allow_stale else expected_from_metadata(store.read_metadata(derived_dir))
+    ctx = ReadyContext(str(derived_dir), yardstick, None if selected is None else frozenset(selected))
+    if pool is not None and pool.parallel and len(manifest) > CHUNK:
+        results = dict(pool.imap(check_chunk, _chunks(manifest, ctx)))
+    else:
+        results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx)}
+    return _combine([results[start] for start in sorted(results)])
 
-    def reasons(rows: list[int]) -> dict:
-        return {
-            "not_ready": [
-                store.readiness_reasons(manifest.record(row), base, stale_against=yardstick) for row in rows
-            ]
-        }
 
-    # Explicit fingerprints: hashing the closure would serialise the whole manifest.
-    ds = ds.map(
-        reasons,
-        input_columns="row",
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc,
-        load_from_cache_file=False,
-        new_fingerprint=_fingerprint("ready", base),
-        desc="readiness",
-    )
-    counts: dict[str, int] = {}
-    if len(ds):
-        flat = pc.list_flatten(ds.with_format("arrow")["not_ready"])
-        counts = {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(flat)}
-    ready = ds.filter(
-        lambda batch: [len(x) == 0 for x in batch],
-        input_columns="not_ready",
-        batched=True,
-        new_fingerprint=_fingerprint("ready-filter", base),
-        desc="ready records",
-    )
-    table = ready.with_format("arrow")[:]
-    encoded = pc.dictionary_encode(table.column("aspect_bucket")).combine_chunks()
+def _combine(parts: list[ChunkResult]) -> Readiness:
+    names = sorted({name for part in parts for name in part.names})
+    code_of = {name: i for i, name in enumerate(names)}
+    reasons: Counter = Counter()
+    for part in parts:
+        reasons.update(part.reasons)
+    codes = [np.asarray([code_of[n] for n in part.names], dtype=np.int64)[part.codes] for part in parts if part.names]
     return Readiness(
-        rows=table.column("row").to_numpy().astype(np.int64),
-        codes=encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
-        bucket_names=encoded.dictionary.to_pylist(),
-        reasons=dict(sorted(counts.items())),
-        not_ready=len(ds) - len(ready),
-        excluded=excluded,
+        rows=np.concatenate([part.rows for part in parts] or [np.zeros(0, np.int64)]),
+        codes=np.concatenate(codes or [np.zeros(0, np.int64)]),
+        bucket_names=names,
+        reasons=dict(sorted(reasons.items())),
+        not_ready=sum(part.not_ready for part in parts),
+        excluded=sum(part.excluded for part in parts),
     )

@@ -1,24 +1,25 @@
 """Deterministic, atomic shard writing: one tar per planned shard, then its done-sidecar.
 
-Reproducible: fixed GNU tar headers (mtime 0, uid/gid 0, empty owner names, mode 0644,
-fixed member order), so the same plan and inputs give byte-identical tars. Atomic: a shard
-is written to a temp file beside its final name and renamed when complete (fsync); only
-then is its sidecar written.
+Tar headers are built directly as bytes, exactly as `tarfile` (GNU format) writes them for
+a regular file with mtime 0, uid/gid 0, empty owner names and mode 0644 (names over 100
+bytes get a GNU `././@LongLink` record), so the same plan and inputs give byte-identical
+tars. Every byte is sha256-hashed as it streams to the file, so index.json's sha256 costs no
+second read. A shard is written to a temp file beside its final name and renamed when
+complete (fsync); only then is its sidecar written. `process_shard` is what a worker
+process runs: it keeps a complete matching shard on resume, else writes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import store
 from prep.export.fields import check_key, json_member, mask_member
-from prep.export.plan import ShardPlan
-from prep.export.resume import write_sidecar
+from prep.export.plan import shard_relpath
+from prep.export.resume import kept_shard, write_sidecar
 from prep.fsio import atomic_open
 
 EXPORT_FORMAT = "prep-webdataset"
@@ -27,107 +28,202 @@ EXPORT_FORMAT_VERSION = 1
 ARRAY_MEMBERS = {"dinov3.npy": "dinov3", "vae.npy": "vae", "t5h.npy": "t5"}
 MASK_MEMBER = "t5m.npy"
 MEMBERS = ("json", *ARRAY_MEMBERS, MASK_MEMBER)
-COPY_BUFSIZE = 1 << 20
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this (like `tar -b20`)
+_NUL = bytes(RECORD)
+_GNU_MAGIC = b"ustar  \x00"
+_LONGNAME = b"L"
+_REGULAR = b"0"
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+# ------------------------------------------------------------------------ tar headers
+def _number(n: int, digits: int, gnu: bool) -> bytes:
+    """tarfile's itn(): octal digits + NUL, or (GNU) base-256 with a 0x80 lead byte when too big."""
+    if 0 <= n < 8 ** (digits - 1):
+        return b"%0*o\x00" % (digits - 1, n)
+    if gnu and 0 <= n < 256 ** (digits - 1):
+        return b"\x80" + n.to_bytes(digits - 1, "big")
+    raise ValueError(f"overflow in tar number field: {n}")
 
 
-class _HashingWriter:
-    """File-object wrapper for tarfile: counts and sha256-hashes every byte written."""
+def _block(name: bytes, size: int, typeflag: bytes, mode: int, gnu: bool) -> bytes:
+    """One 512-byte header block, laid out and checksummed like tarfile's _create_header."""
+    buf = b"".join((
+        name[:100].ljust(100, b"\x00"),
+        _number(mode, 8, gnu),
+        _number(0, 8, gnu),  # uid
+        _number(0, 8, gnu),  # gid
+        _number(size, 12, gnu),
+        _number(0, 12, gnu),  # mtime
+        b"        ",  # checksum placeholder: eight spaces
+        typeflag,
+        bytes(100),  # linkname
+        _GNU_MAGIC,
+        bytes(32 + 32 + 8 + 8 + 155),  # uname, gname, devmajor, devminor (no device), prefix
+    )).ljust(BLOCK, b"\x00")
+    return buf[:148] + b"%06o\x00" % sum(buf) + buf[155:]
 
-    def __init__(self, raw):
-        self.raw = raw
+
+def member_header(name: str, size: int) -> bytes:
+    """The header blocks tarfile (GNU_FORMAT, utf-8) writes for a regular file `name` of `size` bytes."""
+    raw = name.encode("utf-8")
+    header = _block(raw, size, _REGULAR, 0o644, gnu=True)
+    if len(raw) <= 100:
+        return header
+    long_name = raw + b"\x00"
+    return _block(b"././@LongLink", len(long_name), _LONGNAME, 0, gnu=False) + _padded(long_name) + header
+
+
+def _padded(data: bytes) -> bytes:
+    return data + _NUL[: -len(data) % BLOCK]
+
+
+class TarStream:
+    """Writes tar members to a binary file, sha256-hashing and counting every byte on the way."""
+
+    def __init__(self, f):
+        self.f = f
         self.sha = hashlib.sha256()
-        self.count = 0
+        self.nbytes = 0
 
-    def write(self, data) -> int:
+    def _put(self, data: bytes) -> None:
         self.sha.update(data)
-        self.count += len(data)
-        self.raw.write(data)
-        return len(data)
+        self.f.write(data)
+        self.nbytes += len(data)
 
-    def tell(self) -> int:
-        return self.count
+    def add(self, name: str, payload: bytes) -> None:
+        self._put(member_header(name, len(payload)))
+        self._put(payload)
+        if len(payload) % BLOCK:
+            self._put(_NUL[: BLOCK - len(payload) % BLOCK])
+
+    def finish(self) -> None:
+        """Two zero blocks, then zeros up to a multiple of RECORD bytes, as TarFile.close() writes."""
+        end = 2 * BLOCK
+        end += -(self.nbytes + end) % RECORD
+        self._put(_NUL[:end])
 
 
-def add_sample(tar: tarfile.TarFile, record: dict, derived_dir: Path, extra_keys: list[str], fp) -> int:
-    """Append one sample's five members; feed what identifies its content to `fp`. Returns bytes."""
-    key = check_key(record.get("image_id"))
-    data = json_member(record, extra_keys)
-    fp.update(data)
-    tar.addfile(_tarinfo(f"{key}.json", len(data)), io.BytesIO(data))
-    size = len(data)
-    for suffix, kind in ARRAY_MEMBERS.items():
-        with open(store.artifact_path(derived_dir, kind, key), "rb") as f:
-            st = os.fstat(f.fileno())
-            fp.update(f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-            tar.addfile(_tarinfo(f"{key}.{suffix}", st.st_size), f)
-            size += st.st_size
-    mask = mask_member(record)
-    fp.update(mask)
-    tar.addfile(_tarinfo(f"{key}.{MASK_MEMBER}", len(mask)), io.BytesIO(mask))
-    return size + len(mask)
+# ---------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class WriteContext:
+    """What every shard of one export shares (sent to worker processes with each task)."""
+
+    out: str
+    derived: str
+    extra_keys: tuple[str, ...] = ()
+    resume: bool = False
+    verify: bool = True
+
+
+@dataclass
+class ShardTask:
+    """One planned shard with its records, in order; `listed`: its entry in a previous index.json."""
+
+    bucket: str
+    index: int
+    records: list[dict]
+    listed: dict | None = field(default=None)
+
+    @property
+    def relpath(self) -> str:
+        return shard_relpath(self.bucket, self.index)
 
 
 def fingerprint_hasher():
     return hashlib.sha256(f"{EXPORT_FORMAT}/{EXPORT_FORMAT_VERSION}\n".encode())
 
 
-def planned_fingerprint(
-    shard: ShardPlan, record_of: Callable[[int], dict], derived_dir: Path, extra_keys: list[str]
-) -> str:
-    """The content fingerprint a shard written now would get (same as `write_shard` computes)."""
+def side_file(derived: str, kind: str, key: str) -> str:
+    return os.path.join(derived, store.ARTIFACTS[kind].folder, f"{key}.npy")
+
+
+def _read_whole(path: str) -> tuple[bytes, os.stat_result]:
+    """The file's bytes, read once, and its stat (size and mtime identify the content)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while chunk := os.read(fd, max(st.st_size + 1, 1 << 16)):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), st
+
+
+def _stat_line(kind: str, st: os.stat_result) -> bytes:
+    return f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode()
+
+
+def sample_members(ctx: WriteContext, record: dict, fp) -> list[tuple[str, bytes]]:
+    """The five (name, bytes) members of one sample, in tar order; feeds its identity to `fp`."""
+    key = check_key(record.get("image_id"))
+    data = json_member(record, ctx.extra_keys)
+    fp.update(data)
+    members = [(f"{key}.json", data)]
+    for suffix, kind in ARRAY_MEMBERS.items():
+        payload, st = _read_whole(side_file(ctx.derived, kind, key))
+        fp.update(_stat_line(kind, st))
+        members.append((f"{key}.{suffix}", payload))
+    mask = mask_member(record)
+    fp.update(mask)
+    members.append((f"{key}.{MASK_MEMBER}", mask))
+    return members
+
+
+def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
+    """The fingerprint `write_shard` gives a shard of these records if the side files stay as they are."""
     fp = fingerprint_hasher()
-    for row in shard.rows.tolist():
-        record = record_of(row)
+    for record in records:
         key = check_key(record.get("image_id"))
-        fp.update(json_member(record, extra_keys))
+        fp.update(json_member(record, ctx.extra_keys))
         for kind in ARRAY_MEMBERS.values():
-            st = os.stat(store.artifact_path(derived_dir, kind, key))
-            fp.update(f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            fp.update(_stat_line(kind, os.stat(side_file(ctx.derived, kind, key))))
         fp.update(mask_member(record))
     return fp.hexdigest()
 
 
-def write_shard(
-    out: Path,
-    shard: ShardPlan,
-    record_of: Callable[[int], dict],
-    derived_dir: Path,
-    extra_keys: list[str],
-    on_sample: Callable[[int], None],
-) -> dict:
-    """Write one shard atomically (temp + fsync + rename), then its done-sidecar; returns its info."""
-    final = out / shard.relpath
+def write_shard(ctx: WriteContext, task: ShardTask) -> dict:
+    """Write one shard atomically (temp + fsync + rename), then its sidecar; returns its index entry."""
+    out = Path(ctx.out)
+    final = out / task.relpath
     final.parent.mkdir(parents=True, exist_ok=True)
     fp = fingerprint_hasher()
     keys = []
-    with atomic_open(final, "wb") as raw:
-        writer = _HashingWriter(raw)
-        # On an exception TarFile.__exit__ writes nothing more and atomic_open deletes the temp
-        # file; on success close() writes the end-of-archive blocks before the rename.
-        with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8") as tar:
-            tar.copybufsize = COPY_BUFSIZE
-            for row in shard.rows.tolist():
-                record = record_of(row)
-                on_sample(add_sample(tar, record, derived_dir, extra_keys, fp))
-                keys.append(record["image_id"])
+    with atomic_open(final, "wb") as f:  # on an exception the temp file is deleted
+        tar = TarStream(f)
+        for record in task.records:
+            for name, payload in sample_members(ctx, record, fp):
+                tar.add(name, payload)
+            keys.append(record["image_id"])
+        tar.finish()
     info = {
-        "bucket": shard.bucket,
-        "path": shard.relpath,
+        "bucket": task.bucket,
+        "path": task.relpath,
         "samples": len(keys),
-        "bytes": writer.count,
-        "sha256": writer.sha.hexdigest(),
+        "bytes": tar.nbytes,
+        "sha256": tar.sha.hexdigest(),
         "fingerprint": fp.hexdigest(),
     }
     write_sidecar(out, {**info, "keys": keys})  # only the sidecar keeps the key list: flat memory
     return info
+
+
+def process_shard(ctx: WriteContext, task: ShardTask) -> dict:
+    """What a worker does with one planned shard: keep a complete matching copy (resume), else write it.
+
+    Returns the shard's index entry plus "kept" (True when the copy on disk was kept).
+    """
+    if ctx.resume:
+        fingerprint = planned_fingerprint(ctx, task.records)
+        kept = kept_shard(Path(ctx.out), task.relpath, fingerprint, verify=ctx.verify, listed=task.listed)
+        if kept is not None:
+            return {**kept, "kept": True}
+    return {**write_shard(ctx, task), "kept": False}
+
+
+def check_shard(ctx: WriteContext, task: ShardTask) -> bool:
+    """True when a complete copy of this planned shard is on disk (what a resume would keep)."""
+    fingerprint = planned_fingerprint(ctx, task.records)
+    return kept_shard(Path(ctx.out), task.relpath, fingerprint, verify=ctx.verify, listed=task.listed) is not None

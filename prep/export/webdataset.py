@@ -32,7 +32,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,6 @@ from prep.export.resume import (
     STATE_DIR,
     STATS_FILE,
     existing_export,
-    kept_shard,
     read_index,
     remove_export,
     sweep_temps,
@@ -56,9 +55,12 @@ from prep.export.tarwriter import (
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
     MEMBERS,
-    planned_fingerprint,
-    write_shard,
+    ShardTask,
+    WriteContext,
+    check_shard,
+    process_shard,
 )
+from prep.export.workers import WorkerPool, default_workers
 from prep.fsio import atomic_open, fsync_dir
 from prep.manifest import Manifest, read_manifest
 
@@ -227,16 +229,17 @@ def _previous_index(out: Path) -> dict[str, dict]:
     return {entry["path"]: entry for entry in read_index(out / INDEX_FILE)["shards"]}
 
 
-def _kept_shards(out, plan, manifest, derived_dir, extra_keys, *, verify: bool) -> list[dict | None]:
-    """For each planned shard: its index entry when a complete matching copy is on disk, else None."""
-    listed = _previous_index(out)
-    return [
-        kept_shard(
-            out, shard.relpath, planned_fingerprint(shard, manifest.record, derived_dir, extra_keys),
-            verify=verify, listed=listed.get(shard.relpath),
-        )
-        for shard in plan
-    ]
+def _tasks(plan: list[ShardPlan], manifest: Manifest, listed: dict[str, dict]) -> Iterator[tuple[int, tuple]]:
+    """(position, (ShardTask,)) per planned shard, its records read from the manifest only when drawn."""
+    for position, shard in enumerate(plan):
+        records = [manifest.record(row) for row in shard.rows.tolist()]
+        yield position, (ShardTask(shard.bucket, shard.index, records, listed.get(shard.relpath)),)
+
+
+def _count_kept(pool: WorkerPool, ctx: WriteContext, plan, manifest, out: Path) -> int:
+    """How many planned shards a resume would keep (dry run)."""
+    jobs = ((position, (ctx, *args)) for position, args in _tasks(plan, manifest, _previous_index(out)))
+    return sum(kept for _, kept in pool.imap(check_shard, jobs, inline=len(plan) <= 1))
 
 
 def _prepare_output(out: Path, *, overwrite: bool) -> None:
@@ -251,7 +254,7 @@ def _prepare_output(out: Path, *, overwrite: bool) -> None:
 
 
 class _Progress:
-    """A tqdm bar (stderr) and a log line every `every` samples."""
+    """A tqdm bar (stderr) and a log line every `every` samples, advanced per finished shard."""
 
     def __init__(self, total: int, every: int, bar: bool | None):
         from tqdm.auto import tqdm
@@ -261,11 +264,11 @@ class _Progress:
         disable = (not sys.stderr.isatty()) if bar is None else not bar
         self.bar = tqdm(total=total, desc="export", unit="sample", file=sys.stderr, disable=disable, leave=False)
 
-    def __call__(self, nbytes: int) -> None:
-        self.done += 1
+    def update(self, samples: int, nbytes: int) -> None:
+        before, self.done = self.done, self.done + samples
         self.nbytes += nbytes
-        self.bar.update(1)
-        if self.every and self.done % self.every == 0:
+        self.bar.update(samples)
+        if self.every and self.done // self.every > before // self.every:
             elapsed = max(time.perf_counter() - self.started, 1e-9)
             logger.info(
                 "exported %d/%d samples (%.0f samples/s, %.0f MB/s)",
@@ -276,17 +279,26 @@ class _Progress:
         self.bar.close()
 
 
-def _write_missing(out, plan, infos, manifest, derived_dir, extra_keys, progress: _Progress) -> int:
-    """Write every planned shard whose entry in `infos` is None (filling it in); returns bytes written."""
-    written = 0
+def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, progress: _Progress) -> list[dict]:
+    """Keep or write every planned shard (in the workers); returns their entries, in plan order.
+
+    After a failure the workers are stopped and the temp files they leave are swept: only
+    complete shards remain, under their final names.
+    """
+    infos: list[dict] = [{}] * len(plan)
     try:
-        for i, shard in enumerate(plan):
-            if infos[i] is None:
-                infos[i] = write_shard(out, shard, manifest.record, derived_dir, extra_keys, progress)
-                written += infos[i]["bytes"]
+        for position, info in pool.imap(process_shard, ((i, (ctx, *a)) for i, a in _tasks(plan, manifest, listed)),
+                                        inline=len(plan) <= 1):
+            infos[position] = info
+            progress.update(info["samples"], 0 if info["kept"] else info["bytes"])
+    except BaseException:
+        pool.close(failed=True)
+        with contextlib.suppress(OSError):
+            sweep_temps(Path(ctx.out))
+        raise
     finally:
         progress.close()
-    return written
+    return infos
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -294,10 +306,14 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _finish(out: Path, infos: list[dict], summary: ExportSummary, derived_dir: Path, card_options: dict) -> None:
-    """Write the card, stats.json and, last, index.json (which marks the export complete)."""
+def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, derived_dir: Path, card_options: dict) -> None:
+    """Remove stale shards, write the card, stats.json and, last, index.json (the export is complete)."""
     from prep.export.card import render_card
 
+    summary.kept_shards = sum(info["kept"] for info in infos)
+    summary.new_shards = len(plan) - summary.kept_shards
+    summary.bytes_written = sum(info["bytes"] for info in infos if not info["kept"])
+    summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
     index = build_index(infos, summary)
     for bucket, entry in index["buckets"].items():
         summary.buckets[bucket]["bytes"] = entry["bytes"]
@@ -326,6 +342,7 @@ def export_webdataset(
     progress_every: int = DEFAULT_PROGRESS_EVERY,
     num_proc: int | None = None,
     verify_kept: bool = True,
+    num_workers: int | None = None,
     progress_bar: bool | None = None,
     allow_stale: bool = False,
     **card_options,
@@ -334,8 +351,10 @@ def export_webdataset(
 
     Raises FileNotFoundError (no manifest / derived dir), FileExistsError (an export is
     already in `output_dir` and neither `overwrite` nor `resume`), ValueError (bad options).
-    `progress_bar`: tqdm on stderr; None = only when stderr is a terminal. `card_options`
-    are passed to `prep.export.card.render_card`.
+    `progress_bar`: tqdm on stderr; None = only when stderr is a terminal. `num_workers`:
+    processes that check readiness and write shards (1 = in this process; default: the CPUs,
+    at most 8; `num_proc` is its older name); the output does not depend on it.
+    `card_options` are passed to `prep.export.card.render_card`.
     """
     started = time.perf_counter()
     input_jsonl, derived_dir, out, found = _check_args(
@@ -343,28 +362,25 @@ def export_webdataset(
     )
     selected = normalise_buckets(buckets)
     manifest = read_manifest(input_jsonl)
-    ready = readiness(manifest, derived_dir, selected, num_proc=num_proc, allow_stale=allow_stale)
-    plan = make_plan(ready.rows, ready.codes, bucket_names=ready.bucket_names, shuffle=shuffle, seed=seed,
-                     limit=limit, shard_size=shard_size)
-    extra_keys, dropped = choose_extra_fields(manifest.record(row) for shard in plan for row in shard.rows.tolist())
-    options = {"shard_size": shard_size, "limit": limit, "shuffle": shuffle, "seed": seed,
-               "buckets": sorted(selected) if selected else None, "allow_stale": allow_stale}
-    summary = _new_summary(out, manifest, ready, plan, dry_run=dry_run, json_fields=[*JSON_FIELDS, *extra_keys],
-                           dropped_fields=dropped, options=options)
-    if dry_run:
-        if resume and found:
-            kept = _kept_shards(out, plan, manifest, derived_dir, extra_keys, verify=verify_kept)
-            summary.kept_shards = sum(info is not None for info in kept)
-        return summary
-
-    infos = _kept_shards(out, plan, manifest, derived_dir, extra_keys, verify=verify_kept) if resume else [None] * len(plan)
-    _prepare_output(out, overwrite=overwrite)
-    summary.kept_shards = sum(info is not None for info in infos)
-    summary.new_shards = len(plan) - summary.kept_shards
-    todo = sum(len(s.rows) for s, info in zip(plan, infos, strict=True) if info is None)
-    progress = _Progress(todo, progress_every, progress_bar)
-    summary.bytes_written = _write_missing(out, plan, infos, manifest, derived_dir, extra_keys, progress)
-    summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
-    _finish(out, infos, summary, derived_dir, card_options)
+    workers = next((n for n in (num_workers, num_proc) if n is not None), None) or default_workers()
+    with WorkerPool(workers) as pool:
+        ready = readiness(manifest, derived_dir, selected, allow_stale=allow_stale, pool=pool)
+        plan = make_plan(ready.rows, ready.codes, bucket_names=ready.bucket_names, shuffle=shuffle, seed=seed,
+                         limit=limit, shard_size=shard_size)
+        extra_keys, dropped = choose_extra_fields(manifest.record(r) for shard in plan for r in shard.rows.tolist())
+        options = {"shard_size": shard_size, "limit": limit, "shuffle": shuffle, "seed": seed,
+                   "buckets": sorted(selected) if selected else None, "allow_stale": allow_stale}
+        summary = _new_summary(out, manifest, ready, plan, dry_run=dry_run,
+                               json_fields=[*JSON_FIELDS, *extra_keys], dropped_fields=dropped, options=options)
+        ctx = WriteContext(str(out), str(derived_dir), tuple(extra_keys), resume=resume, verify=verify_kept)
+        if dry_run:
+            if resume and found:
+                summary.kept_shards = _count_kept(pool, ctx, plan, manifest, out)
+            return summary
+        listed = _previous_index(out) if resume else {}
+        _prepare_output(out, overwrite=overwrite)
+        todo = _Progress(summary.planned_samples, progress_every, progress_bar)
+        infos = _run_shards(pool, ctx, plan, manifest, listed, todo)
+    _finish(out, plan, infos, summary, derived_dir, card_options)
     summary.elapsed_s = time.perf_counter() - started
     return summary
