@@ -18,6 +18,8 @@ import tokenize
 
 import numpy as np
 
+from prep import store
+
 MAGIC = b"\x93NUMPY"
 HEAD_READ = 4096  # one read gets the header of any side file of ours (numpy writes 128 bytes)
 # numpy refuses larger header dicts by default (max_header_size), and so do we
@@ -118,3 +120,18 @@ def all_finite(payload: memoryview | bytes, dtype: np.dtype) -> bool:
     view, mask = _EXPONENT[dtype]
     bits = np.frombuffer(payload, dtype=view)
     return bits.size == 0 or int(np.bitwise_and(bits, mask).max()) != mask
+
+
+def side_file(derived: str, kind: str, key: str) -> str:
+    """`derived/<folder>/<key>.npy` (the key must already be a safe id)."""
+    return os.path.join(derived, store.ARTIFACTS[kind].folder, f"{key}.npy")
+
+
+@functools.lru_cache(maxsize=64)
+def _vae_shape(bucket: str) -> tuple[int, ...]:
+    return store.expected_shape("vae", {"aspect_bucket": bucket})
+
+
+def expected_shape(kind: str, record: dict) -> tuple[int, ...]:
+    """`store.expected_shape`, cached per bucket (it parses the bucket string)."""
+    return _vae_shape(record["aspect_bucket"]) if kind == "vae" else store.expected_shape(kind, record)

@@ -10,7 +10,6 @@ checked in chunks, in worker processes when a pool is given.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from prep import store
-from prep.export.npycheck import header_status
+from prep.export.npycheck import expected_shape, header_status, side_file
 from prep.manifest import Manifest
 from prep.provenance import Expected, artifact_status, expected_from_metadata, is_stale
 from prep.records import validate_record
@@ -58,15 +57,6 @@ class ChunkResult:
     excluded: int = 0
 
 
-@functools.lru_cache(maxsize=64)
-def _vae_shape(bucket: str) -> tuple[int, ...]:
-    return store.expected_shape("vae", {"aspect_bucket": bucket})
-
-
-def _expected_shape(kind: str, record: dict) -> tuple[int, ...]:
-    return _vae_shape(record["aspect_bucket"]) if kind == "vae" else store.expected_shape(kind, record)
-
-
 def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
     """Why `record` cannot be exported (empty list = ready); mirrors `store.readiness_reasons`."""
     reasons = validate_record(record)
@@ -76,8 +66,8 @@ def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
     for kind, spec in store.ARTIFACTS.items():
         if kind == "vae" and no_bucket:
             continue
-        path = f"{ctx.base}/{spec.folder}/{record['image_id']}.npy"
-        status = header_status(path, _expected_shape(kind, record), spec.dtype)
+        path = side_file(ctx.base, kind, record["image_id"])
+        status = header_status(path, expected_shape(kind, record), spec.dtype)
         if status == "missing":
             reasons.append(f"{kind} missing")
         elif status is not None:

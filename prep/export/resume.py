@@ -75,7 +75,10 @@ def read_sidecar(out: Path, relpath: str) -> dict | None:
     path = sidecar_path(out, relpath)
     if not path.is_file():
         return None
-    return check_entry(_read_json(path), SIDECAR_ENTRY, path, "sidecar")
+    info = check_entry(_read_json(path), SIDECAR_ENTRY, path, "sidecar")
+    if not isinstance(info.get("skipped", []), list):
+        raise ValueError(f"{path}: sidecar has a bad 'skipped' value")
+    return info
 
 
 def write_sidecar(out: Path, info: dict) -> None:
@@ -85,15 +88,19 @@ def write_sidecar(out: Path, info: dict) -> None:
 
 
 def kept_shard(out: Path, relpath: str, fingerprint: str, *, verify: bool, listed: dict | None = None) -> dict | None:
-    """The index entry of a complete shard that matches the plan, or None (then it is rewritten).
+    """The entry of a complete shard that matches the plan (with its "skipped"), or None: rewrite it.
 
     `listed`: the shard's entry in a previous index.json, when there is one; it must agree.
+    A shard whose samples were all skipped has no file: it is kept when there is none.
     """
     info = read_sidecar(out, relpath)
     path = out / relpath
-    if info is None or not path.is_file():
+    if info is None or info["fingerprint"] != fingerprint or info["path"] != relpath:
         return None
-    if info["fingerprint"] != fingerprint or info["path"] != relpath:
+    kept = {**{key: info[key] for key in SIDECAR_ENTRY}, "skipped": info.get("skipped", [])}
+    if info["samples"] == 0:
+        return kept if not path.exists() and listed is None else None
+    if not path.is_file():
         return None
     if listed is not None and (listed["sha256"], listed["bytes"]) != (info["sha256"], info["bytes"]):
         return None
@@ -101,7 +108,7 @@ def kept_shard(out: Path, relpath: str, fingerprint: str, *, verify: bool, liste
         return None
     if verify and sha256_file(path) != info["sha256"]:
         return None
-    return {key: info[key] for key in SIDECAR_ENTRY}
+    return kept
 
 
 # ------------------------------------------------------------------ existing exports

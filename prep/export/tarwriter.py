@@ -7,23 +7,36 @@ tars. Every byte is sha256-hashed as it streams to the file, so index.json's sha
 second read. A shard is written to a temp file beside its final name and renamed when
 complete (fsync); only then is its sidecar written. `process_shard` is what a worker
 process runs: it keeps a complete matching shard on resume, else writes it.
+
+Each side file is read once into memory and checked before its bytes go into the tar
+(prep/export/npycheck.py); a sample with a missing or invalid file (NaN/Inf values, wrong
+shape, dtype, size, Fortran order) is skipped and reported, never shipped. Whether a sample
+is skipped depends only on its files, so the output stays deterministic; the sidecar keeps
+the skipped keys and reasons, so a resumed export reports the same counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from prep import store
+from prep.export import npycheck
 from prep.export.fields import check_key, json_member, mask_member
+from prep.export.npycheck import all_finite, check_header, expected_shape, max_file_size, side_file
 from prep.export.plan import shard_relpath
 from prep.export.resume import kept_shard, write_sidecar
 from prep.fsio import atomic_open
 
 EXPORT_FORMAT = "prep-webdataset"
 EXPORT_FORMAT_VERSION = 1
+# In the resume fingerprint: shards written by an older writer (which checked less) are rewritten.
+WRITER_VERSION = 2
 # member suffix -> side-file kind in prep.store.ARTIFACTS (order = order in the tar)
 ARRAY_MEMBERS = {"dinov3.npy": "dinov3", "vae.npy": "vae", "t5h.npy": "t5"}
 MASK_MEMBER = "t5m.npy"
@@ -132,44 +145,57 @@ class ShardTask:
 
 
 def fingerprint_hasher():
-    return hashlib.sha256(f"{EXPORT_FORMAT}/{EXPORT_FORMAT_VERSION}\n".encode())
+    return hashlib.sha256(f"{EXPORT_FORMAT}/{EXPORT_FORMAT_VERSION}/writer-{WRITER_VERSION}\n".encode())
 
 
-def side_file(derived: str, kind: str, key: str) -> str:
-    return os.path.join(derived, store.ARTIFACTS[kind].folder, f"{key}.npy")
+def _stat_line(kind: str, st: os.stat_result | None) -> bytes:
+    return f"{kind}:missing\n".encode() if st is None else f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode()
 
 
-def _read_whole(path: str) -> tuple[bytes, os.stat_result]:
-    """The file's bytes, read once, and its stat (size and mtime identify the content)."""
-    fd = os.open(path, os.O_RDONLY)
+def read_side_file(path: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytes | None, str, os.stat_result | None]:
+    """(the file's bytes, "", stat) when it is a valid side file, else (None, why, stat or None).
+
+    One read into memory; the size is checked against the largest valid file first, so
+    nothing is read (or allocated) for a file too big to be valid, whatever its header says.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, "missing", None
     try:
         st = os.fstat(fd)
-        chunks = []
-        while chunk := os.read(fd, max(st.st_size + 1, 1 << 16)):
-            chunks.append(chunk)
+        if st.st_size > max_file_size(shape, dtype):
+            return None, f"invalid: {npycheck.WRONG_SIZE}", st
+        data = os.read(fd, st.st_size + 1)  # one read: +1 sees a file that grew since fstat
     finally:
         os.close(fd)
-    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), st
+    reason, offset = check_header(data, len(data), shape, dtype)
+    if reason is None and not all_finite(memoryview(data)[offset:], dtype):
+        reason = npycheck.NON_FINITE
+    return (None, f"invalid: {reason}", st) if reason else (data, "", st)
 
 
-def _stat_line(kind: str, st: os.stat_result) -> bytes:
-    return f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode()
+def sample_members(ctx: WriteContext, record: dict, fp) -> tuple[list[tuple[str, bytes]] | None, str]:
+    """(the five (name, bytes) members of one sample in tar order, "") or (None, why it is skipped).
 
-
-def sample_members(ctx: WriteContext, record: dict, fp) -> list[tuple[str, bytes]]:
-    """The five (name, bytes) members of one sample, in tar order; feeds its identity to `fp`."""
+    A sample is skipped when one of its side files is missing or invalid (prep/export/npycheck.py:
+    header, shape, dtype, size, finite values): "<kind> invalid: <reason>". What identifies
+    the sample's content (JSON, side-file sizes and mtimes, mask) goes to `fp` either way.
+    """
     key = check_key(record.get("image_id"))
     data = json_member(record, ctx.extra_keys)
     fp.update(data)
-    members = [(f"{key}.json", data)]
+    members, skip = [(f"{key}.json", data)], ""
     for suffix, kind in ARRAY_MEMBERS.items():
-        payload, st = _read_whole(side_file(ctx.derived, kind, key))
+        spec = store.ARTIFACTS[kind]
+        payload, why, st = read_side_file(side_file(ctx.derived, kind, key), expected_shape(kind, record), spec.dtype)
         fp.update(_stat_line(kind, st))
+        skip = skip or (f"{kind} {why}" if payload is None else "")
         members.append((f"{key}.{suffix}", payload))
     mask = mask_member(record)
     fp.update(mask)
     members.append((f"{key}.{MASK_MEMBER}", mask))
-    return members
+    return (None, skip) if skip else (members, "")
 
 
 def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
@@ -179,32 +205,59 @@ def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
         key = check_key(record.get("image_id"))
         fp.update(json_member(record, ctx.extra_keys))
         for kind in ARRAY_MEMBERS.values():
-            fp.update(_stat_line(kind, os.stat(side_file(ctx.derived, kind, key))))
+            try:
+                st = os.stat(side_file(ctx.derived, kind, key))
+            except FileNotFoundError:
+                st = None
+            fp.update(_stat_line(kind, st))
         fp.update(mask_member(record))
     return fp.hexdigest()
 
 
+class _LazyShard:
+    """The temp file of a shard, opened at the first sample written (an all-skipped shard has no file)."""
+
+    def __init__(self, final: Path, stack: contextlib.ExitStack):
+        self.final, self.stack, self.tar = final, stack, None
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        if self.tar is None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tar = TarStream(self.stack.enter_context(atomic_open(self.final, "wb")))
+        for name, payload in members:
+            self.tar.add(name, payload)
+
+
 def write_shard(ctx: WriteContext, task: ShardTask) -> dict:
-    """Write one shard atomically (temp + fsync + rename), then its sidecar; returns its index entry."""
-    out = Path(ctx.out)
-    final = out / task.relpath
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint_hasher()
-    keys = []
-    with atomic_open(final, "wb") as f:  # on an exception the temp file is deleted
-        tar = TarStream(f)
+    """Write one shard atomically (temp + fsync + rename), then its sidecar; returns its index entry.
+
+    Samples whose side files fail the checks are left out (listed in the entry's "skipped"
+    with the reason); a shard left with no sample gets no file (and an old one is removed).
+    """
+    out, fp = Path(ctx.out), fingerprint_hasher()
+    keys, skipped = [], []
+    with contextlib.ExitStack() as stack:  # on an exception atomic_open deletes the temp file
+        shard = _LazyShard(out / task.relpath, stack)
         for record in task.records:
-            for name, payload in sample_members(ctx, record, fp):
-                tar.add(name, payload)
+            members, why = sample_members(ctx, record, fp)
+            if members is None:
+                skipped.append([record["image_id"], why])
+                continue
+            shard.add(members)
             keys.append(record["image_id"])
-        tar.finish()
+        if shard.tar is not None:
+            shard.tar.finish()
+    if shard.tar is None:
+        with contextlib.suppress(FileNotFoundError):
+            (out / task.relpath).unlink()
     info = {
         "bucket": task.bucket,
         "path": task.relpath,
         "samples": len(keys),
-        "bytes": tar.nbytes,
-        "sha256": tar.sha.hexdigest(),
+        "bytes": 0 if shard.tar is None else shard.tar.nbytes,
+        "sha256": "" if shard.tar is None else shard.tar.sha.hexdigest(),
         "fingerprint": fp.hexdigest(),
+        "skipped": skipped,
     }
     write_sidecar(out, {**info, "keys": keys})  # only the sidecar keeps the key list: flat memory
     return info
@@ -213,7 +266,8 @@ def write_shard(ctx: WriteContext, task: ShardTask) -> dict:
 def process_shard(ctx: WriteContext, task: ShardTask) -> dict:
     """What a worker does with one planned shard: keep a complete matching copy (resume), else write it.
 
-    Returns the shard's index entry plus "kept" (True when the copy on disk was kept).
+    Returns the shard's index entry plus "kept" (True when the copy on disk was kept) and
+    "skipped" ([key, reason] of the samples left out).
     """
     if ctx.resume:
         fingerprint = planned_fingerprint(ctx, task.records)

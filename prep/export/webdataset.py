@@ -32,6 +32,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ from prep.manifest import Manifest, read_manifest
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROGRESS_EVERY = 5000
+MAX_SKIP_WARNINGS = 20
 
 __all__ = [
     "CARD_FILE", "DEFAULT_SHARD_SIZE", "EXPORT_FORMAT", "INDEX_FILE", "JSON_FIELDS", "STATE_DIR", "STATS_FILE",
@@ -90,6 +92,7 @@ class ExportSummary:
     skipped_incomplete: dict[str, int] = field(default_factory=dict)
     planned_samples: int = 0
     planned_shards: int = 0
+    skipped_at_write: dict[str, int] = field(default_factory=dict)
     written_samples: int = 0
     written_shards: int = 0
     kept_shards: int = 0
@@ -129,6 +132,8 @@ def format_summary(s: ExportSummary) -> str:
             f"  wrote {s.written_samples} samples in {s.written_shards} shards "
             f"({s.new_shards} new, {s.kept_shards} kept, {s.removed_stale_shards} stale removed)"
         )
+    for reason, count in s.skipped_at_write.items():
+        lines.append(f"    not exported (side file failed the check while writing): {reason}: {count}")
     for bucket, info in s.buckets.items():
         size = f", {info['bytes'] / 1e6:.1f} MB" if info.get("bytes") else ""
         lines.append(f"    bucket {bucket}: {info['samples']} samples, {info['shards']} shards{size}")
@@ -142,7 +147,19 @@ def format_summary(s: ExportSummary) -> str:
     return "\n".join(lines)
 
 
+def _skip_counts(infos: list[dict]) -> dict[str, int]:
+    """{reason: samples} left out while writing (side files that failed the checks), logged."""
+    skipped = [item for info in infos for item in info.get("skipped", [])]
+    for key, reason in skipped[:MAX_SKIP_WARNINGS]:
+        logger.warning("sample %s not exported: %s", key, reason)
+    if len(skipped) > MAX_SKIP_WARNINGS:
+        logger.warning("... and %d more samples not exported (counts in stats.json)", len(skipped) - MAX_SKIP_WARNINGS)
+    return dict(sorted(Counter(reason for _, reason in skipped).items()))
+
+
 def build_index(infos: list[dict], summary: ExportSummary) -> dict:
+    """index.json: format, members, JSON fields, options, per-bucket counts and every shard (with a file)."""
+    infos = [info for info in infos if info["samples"]]  # a shard whose samples were all skipped has no file
     buckets: dict[str, dict] = {}
     for info in infos:
         entry = buckets.setdefault(info["bucket"], {"samples": 0, "shards": 0, "bytes": 0})
@@ -290,7 +307,7 @@ def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, pro
         for position, info in pool.imap(process_shard, ((i, (ctx, *a)) for i, a in _tasks(plan, manifest, listed)),
                                         inline=len(plan) <= 1):
             infos[position] = info
-            progress.update(info["samples"], 0 if info["kept"] else info["bytes"])
+            progress.update(info["samples"] + len(info["skipped"]), 0 if info["kept"] else info["bytes"])
     except BaseException:
         pool.close(failed=True)
         with contextlib.suppress(OSError):
@@ -313,12 +330,13 @@ def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, derived_
     summary.kept_shards = sum(info["kept"] for info in infos)
     summary.new_shards = len(plan) - summary.kept_shards
     summary.bytes_written = sum(info["bytes"] for info in infos if not info["kept"])
+    # planned shards left with no sample have no file (the writer removed any) but keep their sidecar
     summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
+    summary.skipped_at_write = _skip_counts(infos)
     index = build_index(infos, summary)
-    for bucket, entry in index["buckets"].items():
-        summary.buckets[bucket]["bytes"] = entry["bytes"]
-    summary.written_samples = sum(info["samples"] for info in infos)
-    summary.written_shards = len(infos)
+    summary.buckets = {b: {k: e[k] for k in ("samples", "shards", "bytes")} for b, e in index["buckets"].items()}
+    summary.written_samples = index["samples"]
+    summary.written_shards = len(index["shards"])
     with atomic_open(out / CARD_FILE, "w") as f:
         f.write(render_card(index, store.read_metadata(derived_dir), **card_options))
     stats = {k: v for k, v in summary.to_dict().items() if k not in VOLATILE_FIELDS}
