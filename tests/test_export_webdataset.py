@@ -97,7 +97,8 @@ def test_counts_layout_and_members(data, baseline):
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
     assert not list(out.rglob("*.prep-tmp"))
 
-    # JSON members: one key set, no nulls; extras present in all samples kept, others dropped
+    # JSON members: one key set in every sample; a user field missing in some records is null
+    # there (rare), a list field is dropped (tags); image_path relative to the common parent
     samples = _samples_by_key(out)
     assert sorted(samples) == sorted(data["ready"])
     keysets = set()
@@ -106,17 +107,19 @@ def test_counts_layout_and_members(data, baseline):
         assert sorted(sample) == sorted(MEMBER_SUFFIXES)
         obj = json.loads(sample["json"])
         keysets.add(tuple(obj))
-        assert None not in obj.values()
         assert obj["image_id"] == key and obj["caption"] == by_id[key]["caption"]
+        assert obj["image_path"] == f"{key}.jpg" and obj["rare"] == by_id[key].get("rare")
         assert sample["dinov3.npy"] == store.artifact_path(data["derived"], "dinov3", key).read_bytes()
         assert sample["vae.npy"] == store.artifact_path(data["derived"], "vae", key).read_bytes()
         assert sample["t5h.npy"] == store.artifact_path(data["derived"], "t5", key).read_bytes()
         mask = np.load(io.BytesIO(sample["t5m.npy"]), allow_pickle=False)
         assert mask.dtype == np.uint8 and mask.tolist() == by_id[key]["t5_attention_mask"]
     assert keysets == {
-        ("image_id", "image_path", "caption", "height", "width", "aspect_bucket", "format_version", "score", "source")
+        ("image_id", "image_path", "caption", "height", "width", "aspect_bucket", "format_version", "rare", "score",
+         "source")
     }
-    assert set(s.dropped_fields) == {"tags", "rare"}
+    assert s.dropped_fields == {"tags": "not a scalar (list or dict)"}
+    assert s.field_notes == {"rare": "null in 11 of 15 samples"}
     card = (out / "README.md").read_text()
     assert "config_name: bucket_64x64" in card and "path: bucket_64x64/*.tar" in card
     assert "(z - shift_factor) * scaling_factor" in card

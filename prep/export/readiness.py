@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from prep import store
+from prep.export.fields import FieldStats
 from prep.export.npycheck import expected_shape, header_status, side_file
 from prep.manifest import Manifest
 from prep.provenance import Expected, artifact_status, expected_from_metadata, is_stale
@@ -36,6 +37,7 @@ class Readiness:
     reasons: dict[str, int] = field(default_factory=dict)  # not-ready reason -> count
     not_ready: int = 0
     excluded: int = 0  # outside the selected buckets
+    fields: FieldStats | None = None  # what the ready records hold (with `field_roots`)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ReadyContext:
     base: str
     yardstick: Expected | None = None
     selected: frozenset[str] | None = None
+    field_roots: tuple[str, ...] | None = None  # collect FieldStats of ready records (None: do not)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ChunkResult:
     reasons: Counter
     not_ready: int = 0
     excluded: int = 0
+    fields: FieldStats | None = None
 
 
 def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
@@ -84,6 +88,7 @@ def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict]) -> Chun
     code_list: list[int] = []
     reasons: Counter = Counter()
     excluded = not_ready = 0
+    stats = None if ctx.field_roots is None else FieldStats()
     for row, record in zip(rows, records, strict=True):
         bucket = record.get("aspect_bucket")
         if ctx.selected is not None and bucket not in ctx.selected:
@@ -96,9 +101,11 @@ def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict]) -> Chun
         else:
             ready.append(row)
             code_list.append(codes.setdefault(bucket, len(codes)))
+            if stats is not None:
+                stats.add(record, ctx.field_roots)
     return ChunkResult(
         np.asarray(ready, dtype=np.int64), np.asarray(code_list, dtype=np.int64), list(codes), reasons,
-        not_ready, excluded,
+        not_ready, excluded, stats,
     )
 
 
@@ -115,15 +122,22 @@ def readiness(
     *,
     allow_stale: bool = False,
     pool=None,
+    field_roots: tuple[str, ...] | None = None,
 ) -> Readiness:
-    """Check every record of `manifest` in the buckets `selected` (None = all); `pool`: a WorkerPool."""
+    """Check every record of `manifest` in the buckets `selected` (None = all); `pool`: a WorkerPool.
+
+    With `field_roots` (images roots, may be empty), also collect the FieldStats of the ready
+    records (prep/export/fields.py), in the same pass.
+    """
     yardstick = None if allow_stale else expected_from_metadata(store.read_metadata(derived_dir))
-    ctx = ReadyContext(str(derived_dir), yardstick, None if selected is None else frozenset(selected))
+    ctx = ReadyContext(str(derived_dir), yardstick, None if selected is None else frozenset(selected), field_roots)
     if pool is not None and pool.parallel and len(manifest) > CHUNK:
         results = dict(pool.imap(check_chunk, _chunks(manifest, ctx)))
     else:
         results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx)}
-    return _combine([results[start] for start in sorted(results)])
+    ready = _combine([results[start] for start in sorted(results)])
+    ready.fields = None if field_roots is None else ready.fields
+    return ready
 
 
 def _combine(parts: list[ChunkResult]) -> Readiness:
@@ -133,6 +147,10 @@ def _combine(parts: list[ChunkResult]) -> Readiness:
     for part in parts:
         reasons.update(part.reasons)
     codes = [np.asarray([code_of[n] for n in part.names], dtype=np.int64)[part.codes] for part in parts if part.names]
+    fields = FieldStats()
+    for part in parts:
+        if part.fields is not None:
+            fields.merge(part.fields)
     return Readiness(
         rows=np.concatenate([part.rows for part in parts] or [np.zeros(0, np.int64)]),
         codes=np.concatenate(codes or [np.zeros(0, np.int64)]),
@@ -140,4 +158,5 @@ def _combine(parts: list[ChunkResult]) -> Readiness:
         reasons=dict(sorted(reasons.items())),
         not_ready=sum(part.not_ready for part in parts),
         excluded=sum(part.excluded for part in parts),
+        fields=fields,
     )

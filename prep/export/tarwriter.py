@@ -27,7 +27,7 @@ import numpy as np
 
 from prep import store
 from prep.export import npycheck
-from prep.export.fields import check_key, json_member, mask_member
+from prep.export.fields import JSON_FIELDS, JsonLayout, check_key, mask_member
 from prep.export.npycheck import all_finite, check_header, expected_shape, max_file_size, side_file
 from prep.export.plan import shard_relpath
 from prep.export.resume import kept_shard, write_sidecar
@@ -125,7 +125,7 @@ class WriteContext:
 
     out: str
     derived: str
-    extra_keys: tuple[str, ...] = ()
+    layout: JsonLayout = JsonLayout(JSON_FIELDS, image_path="absolute")
     resume: bool = False
     verify: bool = True
 
@@ -183,7 +183,7 @@ def sample_members(ctx: WriteContext, record: dict, fp) -> tuple[list[tuple[str,
     the sample's content (JSON, side-file sizes and mtimes, mask) goes to `fp` either way.
     """
     key = check_key(record.get("image_id"))
-    data = json_member(record, ctx.extra_keys)
+    data = ctx.layout.member(record)
     fp.update(data)
     members, skip = [(f"{key}.json", data)], ""
     for suffix, kind in ARRAY_MEMBERS.items():
@@ -203,7 +203,7 @@ def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
     fp = fingerprint_hasher()
     for record in records:
         key = check_key(record.get("image_id"))
-        fp.update(json_member(record, ctx.extra_keys))
+        fp.update(ctx.layout.member(record))
         for kind in ARRAY_MEMBERS.values():
             try:
                 st = os.stat(side_file(ctx.derived, kind, key))

@@ -39,7 +39,17 @@ from pathlib import Path
 
 from prep import __version__, config, store
 from prep.buckets import format_bucket, latent_shape, parse_bucket_list
-from prep.export.fields import JSON_FIELDS, check_key, choose_extra_fields, json_member, mask_member
+from prep.export.fields import (
+    JSON_FIELDS,
+    FieldStats,
+    JsonLayout,
+    check_key,
+    choose_layout,
+    field_stats,
+    images_roots,
+    mask_member,
+    relative_image_path,
+)
 from prep.export.plan import DEFAULT_SHARD_SIZE, ShardPlan, make_plan, shard_relpath
 from prep.export.readiness import Readiness, readiness
 from prep.export.resume import (
@@ -69,11 +79,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROGRESS_EVERY = 5000
 MAX_SKIP_WARNINGS = 20
+STATS_CHUNK = 2000
 
 __all__ = [
     "CARD_FILE", "DEFAULT_SHARD_SIZE", "EXPORT_FORMAT", "INDEX_FILE", "JSON_FIELDS", "STATE_DIR", "STATS_FILE",
-    "ExportSummary", "Readiness", "ShardPlan", "check_key", "export_webdataset", "format_summary", "json_member",
-    "make_plan", "mask_member", "readiness", "shard_relpath",
+    "ExportOptions", "ExportSummary", "JsonLayout", "Readiness", "ShardPlan", "check_key", "export_webdataset",
+    "format_summary", "hf_features", "make_plan", "mask_member", "readiness", "relative_image_path", "shard_relpath",
 ]
 
 
@@ -101,6 +112,7 @@ class ExportSummary:
     buckets: dict[str, dict] = field(default_factory=dict)
     json_fields: list[str] = field(default_factory=list)
     dropped_fields: dict[str, str] = field(default_factory=dict)
+    field_notes: dict[str, str] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     bytes_written: int = 0
@@ -138,9 +150,11 @@ def format_summary(s: ExportSummary) -> str:
         size = f", {info['bytes'] / 1e6:.1f} MB" if info.get("bytes") else ""
         lines.append(f"    bucket {bucket}: {info['samples']} samples, {info['shards']} shards{size}")
     if s.dropped_fields:
-        lines.append("  extra fields dropped from the JSON member: " + ", ".join(
+        lines.append("  fields dropped from the JSON member: " + ", ".join(
             f"{k} ({v})" for k, v in s.dropped_fields.items()
         ))
+    for key, note in s.field_notes.items():
+        lines.append(f"    field {key}: {note}")
     if not s.dry_run and s.elapsed_s > 0:
         rate = s.bytes_written / 1e6 / s.elapsed_s
         lines.append(f"  {s.elapsed_s:.1f} s, {rate:.0f} MB/s written")
@@ -157,7 +171,7 @@ def _skip_counts(infos: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(reason for _, reason in skipped).items()))
 
 
-def build_index(infos: list[dict], summary: ExportSummary) -> dict:
+def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | None = None) -> dict:
     """index.json: format, members, JSON fields, options, per-bucket counts and every shard (with a file)."""
     infos = [info for info in infos if info["samples"]]  # a shard whose samples were all skipped has no file
     buckets: dict[str, dict] = {}
@@ -174,6 +188,7 @@ def build_index(infos: list[dict], summary: ExportSummary) -> dict:
         "prep_version": __version__,
         "members": list(MEMBERS),
         "json_fields": summary.json_fields,
+        "json_field_types": dict(layout.types) if layout else {},
         "dropped_fields": summary.dropped_fields,
         "options": summary.options,
         "samples": sum(e["samples"] for e in buckets.values()),
@@ -182,6 +197,28 @@ def build_index(infos: list[dict], summary: ExportSummary) -> dict:
             {k: info[k] for k in ("bucket", "path", "samples", "bytes", "sha256")} for info in infos
         ],
     }
+
+
+def hf_features(index: dict):
+    """The `datasets.Features` of an export's samples, from its index.json content.
+
+    What the HF `webdataset` builder infers when the first samples hold every field; pass it
+    as `load_dataset("webdataset", data_files=..., features=hf_features(index))` when a
+    user field is null in the first samples of the first tar (the builder infers its type
+    from the first 5 samples and cannot cast a later value to the "null" type).
+    """
+    from datasets import Features, List, Value
+
+    json_types = index.get("json_field_types") or dict.fromkeys(index.get("json_fields", []), "string")
+    return Features({
+        "json": {key: Value(dtype) for key, dtype in json_types.items()},
+        "dinov3.npy": List(Value("float32")),
+        "vae.npy": List(List(List(Value("float16")))),
+        "t5h.npy": List(List(Value("float16"))),
+        "t5m.npy": List(Value("uint8")),
+        "__key__": Value("string"),
+        "__url__": Value("string"),
+    })
 
 
 # ------------------------------------------------------------------------------ main
@@ -217,6 +254,48 @@ def _check_args(input_jsonl, derived_dir, output_dir, *, shard_size, limit, over
             f"{out} already holds an export ({found}); pass --overwrite to replace it or --resume to finish it"
         )
     return input_jsonl, derived_dir, out, found
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What decides an export's content (recorded in stats.json and index.json)."""
+
+    shard_size: int
+    limit: int | None
+    shuffle: bool
+    seed: int
+    buckets: set[str] | None
+    allow_stale: bool
+    image_path: str
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "buckets": sorted(self.buckets) if self.buckets else None}
+
+
+def _plan_export(manifest: Manifest, derived_dir: Path, out: Path, options: ExportOptions, pool: WorkerPool):
+    """(the shard plan, the summary so far, the JSON layout): readiness, plan, and what the samples hold."""
+    roots = images_roots(store.read_metadata(derived_dir))
+    ready = readiness(manifest, derived_dir, options.buckets, allow_stale=options.allow_stale, pool=pool,
+                      field_roots=roots)
+    plan = make_plan(ready.rows, ready.codes, bucket_names=ready.bucket_names, shuffle=options.shuffle,
+                     seed=options.seed, limit=options.limit, shard_size=options.shard_size)
+    planned = sum(len(s.rows) for s in plan)
+    stats = ready.fields if planned == len(ready.rows) else _plan_stats(pool, manifest, plan, roots)
+    layout = choose_layout(stats, image_path=options.image_path, roots=roots)
+    summary = _new_summary(out, manifest, ready, plan, json_fields=layout.keys, dropped_fields=dict(layout.dropped),
+                           field_notes=dict(layout.notes), options=options.to_dict())
+    return plan, summary, layout
+
+
+def _plan_stats(pool: WorkerPool, manifest: Manifest, plan: list[ShardPlan], roots: tuple[str, ...]) -> FieldStats:
+    """The FieldStats of the planned records only (when --limit leaves some ready records out)."""
+    rows = [row for shard in plan for row in shard.rows.tolist()]
+    jobs = ((i, ([manifest.record(r) for r in rows[i : i + STATS_CHUNK]], roots))
+            for i in range(0, len(rows), STATS_CHUNK))
+    stats = FieldStats()
+    for _, part in pool.imap(field_stats, jobs, inline=len(rows) <= STATS_CHUNK):
+        stats.merge(part)
+    return stats
 
 
 def _new_summary(out: Path, manifest: Manifest, ready: Readiness, plan: list[ShardPlan], **known) -> ExportSummary:
@@ -323,7 +402,8 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, derived_dir: Path, card_options: dict) -> None:
+def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, layout: JsonLayout, derived_dir: Path,
+            card_options: dict) -> None:
     """Remove stale shards, write the card, stats.json and, last, index.json (the export is complete)."""
     from prep.export.card import render_card
 
@@ -333,7 +413,7 @@ def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, derived_
     # planned shards left with no sample have no file (the writer removed any) but keep their sidecar
     summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
     summary.skipped_at_write = _skip_counts(infos)
-    index = build_index(infos, summary)
+    index = build_index(infos, summary, layout)
     summary.buckets = {b: {k: e[k] for k in ("samples", "shards", "bytes")} for b, e in index["buckets"].items()}
     summary.written_samples = index["samples"]
     summary.written_shards = len(index["shards"])
@@ -363,6 +443,7 @@ def export_webdataset(
     num_workers: int | None = None,
     progress_bar: bool | None = None,
     allow_stale: bool = False,
+    image_path: str = "relative",
     **card_options,
 ) -> ExportSummary:
     """Export the ready records of a manifest as WebDataset shards (see the module doc).
@@ -372,25 +453,20 @@ def export_webdataset(
     `progress_bar`: tqdm on stderr; None = only when stderr is a terminal. `num_workers`:
     processes that check readiness and write shards (1 = in this process; default: the CPUs,
     at most 8; `num_proc` is its older name); the output does not depend on it.
+    `image_path`: "relative" (to the images root), "absolute" or "none" (prep/export/fields.py).
     `card_options` are passed to `prep.export.card.render_card`.
     """
     started = time.perf_counter()
     input_jsonl, derived_dir, out, found = _check_args(
         input_jsonl, derived_dir, output_dir, shard_size=shard_size, limit=limit, overwrite=overwrite, resume=resume
     )
-    selected = normalise_buckets(buckets)
+    options = ExportOptions(shard_size, limit, shuffle, seed, normalise_buckets(buckets), allow_stale, image_path)
     manifest = read_manifest(input_jsonl)
     workers = next((n for n in (num_workers, num_proc) if n is not None), None) or default_workers()
     with WorkerPool(workers) as pool:
-        ready = readiness(manifest, derived_dir, selected, allow_stale=allow_stale, pool=pool)
-        plan = make_plan(ready.rows, ready.codes, bucket_names=ready.bucket_names, shuffle=shuffle, seed=seed,
-                         limit=limit, shard_size=shard_size)
-        extra_keys, dropped = choose_extra_fields(manifest.record(r) for shard in plan for r in shard.rows.tolist())
-        options = {"shard_size": shard_size, "limit": limit, "shuffle": shuffle, "seed": seed,
-                   "buckets": sorted(selected) if selected else None, "allow_stale": allow_stale}
-        summary = _new_summary(out, manifest, ready, plan, dry_run=dry_run,
-                               json_fields=[*JSON_FIELDS, *extra_keys], dropped_fields=dropped, options=options)
-        ctx = WriteContext(str(out), str(derived_dir), tuple(extra_keys), resume=resume, verify=verify_kept)
+        plan, summary, layout = _plan_export(manifest, derived_dir, out, options, pool)
+        ctx = WriteContext(str(out), str(derived_dir), layout, resume=resume, verify=verify_kept)
+        summary.dry_run = dry_run
         if dry_run:
             if resume and found:
                 summary.kept_shards = _count_kept(pool, ctx, plan, manifest, out)
@@ -399,6 +475,6 @@ def export_webdataset(
         _prepare_output(out, overwrite=overwrite)
         todo = _Progress(summary.planned_samples, progress_every, progress_bar)
         infos = _run_shards(pool, ctx, plan, manifest, listed, todo)
-    _finish(out, plan, infos, summary, derived_dir, card_options)
+    _finish(out, plan, infos, summary, layout, derived_dir, card_options)
     summary.elapsed_s = time.perf_counter() - started
     return summary
