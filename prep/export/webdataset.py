@@ -15,14 +15,21 @@ Each sample holds exactly the members `{id}.json`, `{id}.dinov3.npy`, `{id}.vae.
 uint8 (77,)). The key is the image_id (no dots by construction). What the JSON member holds:
 prep/export/fields.py.
 
-The work is split in four steps, one module each: readiness (prep/export/readiness.py: which
-records can go), the plan (plan.py: shuffle, limit, group by bucket, chunk), the shard
-writer (tarwriter.py: deterministic tars, atomic) and the resume state (resume.py).
-Crash-safe: `index.json` is written last, so an export without it is unfinished.
+The work is split in steps, one module each: readiness (readiness.py: which records can
+go, one read of each .npy header, npycheck.py), the plan (plan.py: shuffle, limit, group by
+bucket, chunk), the JSON layout (fields.py: image_path, user metadata), the shard writer
+(tarwriter.py: deterministic tars, atomic, every side file checked as it is copied), the
+resume state (resume.py) and the worker processes (workers.py). This module ties them
+together and writes the card, stats.json and, last, index.json: an export without it is
+unfinished.
+
+Shards are independent: `num_workers` processes write whole shards, with the same bytes
+whatever their number. A sample whose side file fails the check while it is copied (NaN/Inf,
+changed since the readiness check) is left out and counted in the summary.
 `resume=True` keeps each shard whose sidecar matches the planned content (same keys, same
 JSON members, same side-file sizes and mtimes) and whose bytes still hash to the recorded
 sha256; it rewrites the rest and removes stray temp files. Memory is flat in the number of
-samples: only row numbers are held, never payloads.
+samples: only row numbers are held, and a few shards' records at a time.
 """
 
 from __future__ import annotations
@@ -161,14 +168,22 @@ def format_summary(s: ExportSummary) -> str:
     return "\n".join(lines)
 
 
-def _skip_counts(infos: list[dict]) -> dict[str, int]:
-    """{reason: samples} left out while writing (side files that failed the checks), logged."""
-    skipped = [item for info in infos for item in info.get("skipped", [])]
-    for key, reason in skipped[:MAX_SKIP_WARNINGS]:
-        logger.warning("sample %s not exported: %s", key, reason)
-    if len(skipped) > MAX_SKIP_WARNINGS:
-        logger.warning("... and %d more samples not exported (counts in stats.json)", len(skipped) - MAX_SKIP_WARNINGS)
-    return dict(sorted(Counter(reason for _, reason in skipped).items()))
+class _SkipLog:
+    """Counts the samples left out while writing, by reason; logs the first few keys."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def add(self, skipped: list) -> None:
+        for key, reason in skipped:
+            if sum(self.counts.values()) < MAX_SKIP_WARNINGS:
+                logger.warning("sample %s not exported: %s", key, reason)
+            self.counts[reason] += 1
+
+    def result(self) -> dict[str, int]:
+        if sum(self.counts.values()) > MAX_SKIP_WARNINGS:
+            logger.warning("%d samples not exported in all (counts in stats.json)", sum(self.counts.values()))
+        return dict(sorted(self.counts.items()))
 
 
 def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | None = None) -> dict:
@@ -375,7 +390,7 @@ class _Progress:
         self.bar.close()
 
 
-def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, progress: _Progress) -> list[dict]:
+def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, progress: _Progress, skips: _SkipLog):
     """Keep or write every planned shard (in the workers); returns their entries, in plan order.
 
     After a failure the workers are stopped and the temp files they leave are swept: only
@@ -385,8 +400,10 @@ def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, pro
     try:
         for position, info in pool.imap(process_shard, ((i, (ctx, *a)) for i, a in _tasks(plan, manifest, listed)),
                                         inline=len(plan) <= 1):
+            skipped = info.pop("skipped")
             infos[position] = info
-            progress.update(info["samples"] + len(info["skipped"]), 0 if info["kept"] else info["bytes"])
+            skips.add(skipped)
+            progress.update(info["samples"] + len(skipped), 0 if info["kept"] else info["bytes"])
     except BaseException:
         pool.close(failed=True)
         with contextlib.suppress(OSError):
@@ -402,8 +419,8 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, layout: JsonLayout, derived_dir: Path,
-            card_options: dict) -> None:
+def _finish(out: Path, plan, infos: list[dict], skips: _SkipLog, summary: ExportSummary, layout: JsonLayout,
+            derived_dir: Path, card_options: dict) -> None:
     """Remove stale shards, write the card, stats.json and, last, index.json (the export is complete)."""
     from prep.export.card import render_card
 
@@ -412,7 +429,7 @@ def _finish(out: Path, plan, infos: list[dict], summary: ExportSummary, layout: 
     summary.bytes_written = sum(info["bytes"] for info in infos if not info["kept"])
     # planned shards left with no sample have no file (the writer removed any) but keep their sidecar
     summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
-    summary.skipped_at_write = _skip_counts(infos)
+    summary.skipped_at_write = skips.result()
     index = build_index(infos, summary, layout)
     summary.buckets = {b: {k: e[k] for k in ("samples", "shards", "bytes")} for b, e in index["buckets"].items()}
     summary.written_samples = index["samples"]
@@ -474,7 +491,8 @@ def export_webdataset(
         listed = _previous_index(out) if resume else {}
         _prepare_output(out, overwrite=overwrite)
         todo = _Progress(summary.planned_samples, progress_every, progress_bar)
-        infos = _run_shards(pool, ctx, plan, manifest, listed, todo)
-    _finish(out, plan, infos, summary, layout, derived_dir, card_options)
+        skips = _SkipLog()
+        infos = _run_shards(pool, ctx, plan, manifest, listed, todo, skips)
+    _finish(out, plan, infos, skips, summary, layout, derived_dir, card_options)
     summary.elapsed_s = time.perf_counter() - started
     return summary
