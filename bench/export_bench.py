@@ -10,6 +10,8 @@ times in turn (so both see the same machine load):
     whole export (which fsyncs every shard);
   * runs `tar -cf` over the same .npy files, then fsyncs the tar (the same durability): the
     baseline. `tar` is single-threaded; the export uses `--workers` processes.
+Each run also records the CPU seconds spent (export: itself and its workers; tar) and the
+1-minute load average: on a shared machine the wall-clock ratio moves with other load.
 Figures are medians over the repeats, with each run's in `runs` (the spread) and the ratio
 export / (tar -cf + fsync) of each run, measured back to back.
 The core is `run_export_bench(n_samples, workdir, ...) -> dict`.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,12 +46,17 @@ rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 readiness(read_manifest(manifest), derived)  # in this process: the serial cost of the readiness pass
 readiness_s = time.perf_counter() - t
+def cpu():
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+cpu_before = cpu()
 t = time.perf_counter()
 s = export_webdataset(manifest, derived, out, shard_size=shard_size, progress_every=0, progress_bar=False,
                       num_workers=workers)
 export_s = time.perf_counter() - t
+export_cpu_s = cpu() - cpu_before
 print(json.dumps({
-    "readiness_s": readiness_s, "export_s": export_s, "samples": s.written_samples, "shards": s.written_shards,
+    "readiness_s": readiness_s, "export_s": export_s, "export_cpu_s": export_cpu_s, "samples": s.written_samples, "shards": s.written_shards,
     "tar_bytes": s.bytes_written, "rss_after_imports": rss_after_imports,
     "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
@@ -105,9 +113,12 @@ def _tar_once(workdir: Path, derived: Path) -> dict:
     listing = workdir / "files.txt"
     listing.write_text("\n".join(names) + "\n")
     tar_path = workdir / "plain.tar"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(["tar", "-cf", str(tar_path), "-C", str(derived), "-T", str(listing)], check=True)
     tar_s = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tar_cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     fd = os.open(tar_path, os.O_RDONLY)
     try:
         os.fsync(fd)  # the export fsyncs every shard; this gives tar the same durability
@@ -116,7 +127,7 @@ def _tar_once(workdir: Path, derived: Path) -> dict:
     tar_fsync_s = time.perf_counter() - t
     size = tar_path.stat().st_size
     tar_path.unlink()
-    return {"tar_s": tar_s, "tar_fsync_s": tar_fsync_s, "tar_bytes": size}
+    return {"tar_s": tar_s, "tar_fsync_s": tar_fsync_s, "tar_bytes": size, "tar_cpu_s": tar_cpu_s}
 
 
 def _median(values: list[float]) -> float:
@@ -145,6 +156,9 @@ def run_export_bench(
             "ratio_vs_tar_fsync": round(tar["tar_fsync_s"] / export["export_s"] * export["tar_bytes"]
                                         / tar["tar_bytes"], 3),
             "readiness_s": round(export["readiness_s"], 3),
+            "export_cpu_s": round(export["export_cpu_s"], 2),
+            "tar_cpu_s": round(tar["tar_cpu_s"], 2),
+            "load_avg_1min": round(os.getloadavg()[0], 2),
             "peak_rss_MB": round(export["peak_rss"] / mb, 1),
             "peak_rss_workers_MB": round(export["peak_rss_workers"] / mb, 1),
             "_export": export, "_tar": tar,

@@ -74,13 +74,12 @@ def relative_image_path(path: str, roots: Sequence[str] = (), base: str | None =
     root = max((r for r in roots if _under(norm, r)), key=len, default=None)
     if root is None and base is not None and os.path.isabs(base) == os.path.isabs(norm):
         root = base if base in ("", ".") or _under(norm, base) else None
-    if root is None:
+    if root is None or norm == root:
         relative = os.path.basename(norm)
     elif root in ("", "."):
         relative = norm
     else:
-        relative = os.path.relpath(norm, root)
-        relative = os.path.basename(norm) if relative == "." else relative
+        relative = norm[len(root.rstrip(os.sep)) + 1 :]  # _under(norm, root): a prefix, then a separator
     return relative.replace(os.sep, "/")
 
 

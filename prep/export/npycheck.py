@@ -124,7 +124,7 @@ def all_finite(payload: memoryview | bytes, dtype: np.dtype) -> bool:
 
 def side_file(derived: str, kind: str, key: str) -> str:
     """`derived/<folder>/<key>.npy` (the key must already be a safe id)."""
-    return os.path.join(derived, store.ARTIFACTS[kind].folder, f"{key}.npy")
+    return f"{derived}{os.sep}{store.ARTIFACTS[kind].folder}{os.sep}{key}.npy"
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,6 +20,7 @@ import numpy as np
 from prep import store
 from prep.export.fields import FieldStats
 from prep.export.npycheck import expected_shape, header_status, side_file
+from prep.export.workers import shared
 from prep.manifest import Manifest
 from prep.provenance import Expected, artifact_status, expected_from_metadata, is_stale
 from prep.records import validate_record
@@ -81,8 +82,11 @@ def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
     return reasons
 
 
-def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict]) -> ChunkResult:
-    """The readiness of a chunk of records (what a worker process runs)."""
+def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict] | None = None) -> ChunkResult:
+    """The readiness of a chunk of records (what a worker process runs); None: read them from the manifest."""
+    if records is None:
+        manifest = shared()
+        records = [manifest.record(row) for row in rows]
     ready: list[int] = []
     codes: dict[str, int] = {}
     code_list: list[int] = []
@@ -109,10 +113,10 @@ def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict]) -> Chun
     )
 
 
-def _chunks(manifest: Manifest, ctx: ReadyContext) -> Iterator[tuple[int, tuple]]:
+def _chunks(manifest: Manifest, ctx: ReadyContext, send_records: bool) -> Iterator[tuple[int, tuple]]:
     for start in range(0, len(manifest), CHUNK):
         rows = list(range(start, min(start + CHUNK, len(manifest))))
-        yield start, (ctx, rows, [manifest.record(row) for row in rows])
+        yield start, (ctx, rows, [manifest.record(row) for row in rows] if send_records else None)
 
 
 def readiness(
@@ -132,9 +136,10 @@ def readiness(
     yardstick = None if allow_stale else expected_from_metadata(store.read_metadata(derived_dir))
     ctx = ReadyContext(str(derived_dir), yardstick, None if selected is None else frozenset(selected), field_roots)
     if pool is not None and pool.parallel and len(manifest) > CHUNK:
-        results = dict(pool.imap(check_chunk, _chunks(manifest, ctx)))
+        send = not (pool.shares_memory and pool.shared is manifest)  # else the workers read the manifest
+        results = dict(pool.imap(check_chunk, _chunks(manifest, ctx, send)))
     else:
-        results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx)}
+        results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx, True)}
     ready = _combine([results[start] for start in sorted(results)])
     ready.fields = None if field_roots is None else ready.fields
     return ready

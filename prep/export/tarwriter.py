@@ -18,7 +18,9 @@ the skipped keys and reasons, so a resumed export reports the same counts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from prep.export.fields import JSON_FIELDS, JsonLayout, check_key, mask_member
 from prep.export.npycheck import all_finite, check_header, expected_shape, max_file_size, side_file
 from prep.export.plan import shard_relpath
 from prep.export.resume import kept_shard, write_sidecar
+from prep.export.workers import shared
 from prep.fsio import atomic_open
 
 EXPORT_FORMAT = "prep-webdataset"
@@ -45,6 +48,7 @@ MEMBERS = ("json", *ARRAY_MEMBERS, MASK_MEMBER)
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this (like `tar -b20`)
 _NUL = bytes(RECORD)
+WRITEBACK_EVERY = 32 << 20  # start the writeback of a shard being written every 32 MB
 _GNU_MAGIC = b"ustar  \x00"
 _LONGNAME = b"L"
 _REGULAR = b"0"
@@ -78,44 +82,100 @@ def _block(name: bytes, size: int, typeflag: bytes, mode: int, gnu: bool) -> byt
     return buf[:148] + b"%06o\x00" % sum(buf) + buf[155:]
 
 
+# The header of a regular file of ours around its two variable fields (name, size), and the
+# sum of its fixed bytes (the checksum counts the checksum field as eight spaces).
+_AFTER_NAME = _number(0o644, 8, True) + _number(0, 8, True) + _number(0, 8, True)  # mode, uid, gid
+_AFTER_SIZE = _number(0, 12, True)  # mtime
+_TAIL = _REGULAR + bytes(100) + _GNU_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)  # typeflag ... padding
+_FIXED_SUM = sum(_AFTER_NAME) + sum(_AFTER_SIZE) + sum(b"        ") + sum(_TAIL)
+_PADDING = [bytes(n) for n in range(BLOCK)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _size_field(size: int) -> tuple[bytes, int]:
+    field = _number(size, 12, True)
+    return field, sum(field)
+
+
 def member_header(name: str, size: int) -> bytes:
     """The header blocks tarfile (GNU_FORMAT, utf-8) writes for a regular file `name` of `size` bytes."""
     raw = name.encode("utf-8")
-    header = _block(raw, size, _REGULAR, 0o644, gnu=True)
-    if len(raw) <= 100:
-        return header
+    if len(raw) <= 100:  # the common case, without building the fixed fields again
+        field, field_sum = _size_field(size)
+        checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + field_sum)
+        return b"".join((raw, _PADDING[100 - len(raw)], _AFTER_NAME, field, _AFTER_SIZE, checksum, _TAIL))
     long_name = raw + b"\x00"
-    return _block(b"././@LongLink", len(long_name), _LONGNAME, 0, gnu=False) + _padded(long_name) + header
+    return (
+        _block(b"././@LongLink", len(long_name), _LONGNAME, 0, gnu=False)
+        + long_name + _PADDING[-len(long_name) % BLOCK]
+        + _block(raw, size, _REGULAR, 0o644, gnu=True)
+    )
 
 
-def _padded(data: bytes) -> bytes:
-    return data + _NUL[: -len(data) % BLOCK]
+def _write_all(fd: int, pieces: list) -> None:
+    """os.writev until every byte of `pieces` is written (a short write continues where it stopped)."""
+    while pieces:
+        written = os.writev(fd, pieces[:512])  # at most IOV_MAX buffers per call
+        while pieces and written >= len(pieces[0]):
+            written -= len(pieces[0])
+            pieces.pop(0)
+        if written:
+            pieces[0] = memoryview(pieces[0])[written:]
 
 
 class TarStream:
-    """Writes tar members to a binary file, sha256-hashing and counting every byte on the way."""
+    """Writes tar members to a binary file, sha256-hashing and counting every byte on the way.
+
+    One os.writev per sample on a real file (straight to its descriptor); `write` otherwise.
+    """
 
     def __init__(self, f):
-        self.f = f
         self.sha = hashlib.sha256()
         self.nbytes = 0
+        self.flushed = 0  # bytes handed to the kernel's writeback so far
+        try:
+            f.flush()
+            self.fd, self.f = f.fileno(), None
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd, self.f = None, f
 
-    def _put(self, data: bytes) -> None:
-        self.sha.update(data)
-        self.f.write(data)
-        self.nbytes += len(data)
+    def _put(self, pieces: list) -> None:
+        for piece in pieces:
+            self.sha.update(piece)
+            self.nbytes += len(piece)
+        if self.fd is None:
+            for piece in pieces:
+                self.f.write(piece)
+            return
+        _write_all(self.fd, pieces)
+        if self.nbytes - self.flushed >= WRITEBACK_EVERY:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Let the kernel write what is written so far (async), so the final fsync has little left.
+
+        POSIX_FADV_DONTNEED starts writeback of the range's dirty pages without waiting, and
+        drops the pages already clean: a shard does not push the side files out of the cache.
+        """
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(self.fd, 0, self.nbytes, os.POSIX_FADV_DONTNEED)
+        self.flushed = self.nbytes
+
+    def add_members(self, members: list[tuple[str, bytes]]) -> None:
+        """Append members (name, payload), each a header, its payload and zeros to a block boundary."""
+        pieces = []
+        for name, payload in members:
+            pieces += (member_header(name, len(payload)), payload, _PADDING[-len(payload) % BLOCK])
+        self._put(pieces)
 
     def add(self, name: str, payload: bytes) -> None:
-        self._put(member_header(name, len(payload)))
-        self._put(payload)
-        if len(payload) % BLOCK:
-            self._put(_NUL[: BLOCK - len(payload) % BLOCK])
+        self.add_members([(name, payload)])
 
     def finish(self) -> None:
         """Two zero blocks, then zeros up to a multiple of RECORD bytes, as TarFile.close() writes."""
         end = 2 * BLOCK
         end += -(self.nbytes + end) % RECORD
-        self._put(_NUL[:end])
+        self._put([_NUL[:end]])
 
 
 # ---------------------------------------------------------------------------- shards
@@ -132,16 +192,24 @@ class WriteContext:
 
 @dataclass
 class ShardTask:
-    """One planned shard with its records, in order; `listed`: its entry in a previous index.json."""
+    """One planned shard: its manifest rows, in order, and their records (None: read from the manifest
+    shared with the workers, `prep.export.workers.shared()`); `listed`: its entry in a previous index.json."""
 
     bucket: str
     index: int
-    records: list[dict]
+    rows: list[int]
+    records: list[dict] | None = None
     listed: dict | None = field(default=None)
 
     @property
     def relpath(self) -> str:
         return shard_relpath(self.bucket, self.index)
+
+    def load(self) -> list[dict]:
+        if self.records is None:
+            manifest = shared()
+            self.records = [manifest.record(row) for row in self.rows]
+        return self.records
 
 
 def fingerprint_hasher():
@@ -224,8 +292,7 @@ class _LazyShard:
         if self.tar is None:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tar = TarStream(self.stack.enter_context(atomic_open(self.final, "wb")))
-        for name, payload in members:
-            self.tar.add(name, payload)
+        self.tar.add_members(members)
 
 
 def write_shard(ctx: WriteContext, task: ShardTask) -> dict:
@@ -238,7 +305,7 @@ def write_shard(ctx: WriteContext, task: ShardTask) -> dict:
     keys, skipped = [], []
     with contextlib.ExitStack() as stack:  # on an exception atomic_open deletes the temp file
         shard = _LazyShard(out / task.relpath, stack)
-        for record in task.records:
+        for record in task.load():
             members, why = sample_members(ctx, record, fp)
             if members is None:
                 skipped.append([record["image_id"], why])
@@ -270,7 +337,7 @@ def process_shard(ctx: WriteContext, task: ShardTask) -> dict:
     "skipped" ([key, reason] of the samples left out).
     """
     if ctx.resume:
-        fingerprint = planned_fingerprint(ctx, task.records)
+        fingerprint = planned_fingerprint(ctx, task.load())
         kept = kept_shard(Path(ctx.out), task.relpath, fingerprint, verify=ctx.verify, listed=task.listed)
         if kept is not None:
             return {**kept, "kept": True}
@@ -279,5 +346,5 @@ def process_shard(ctx: WriteContext, task: ShardTask) -> dict:
 
 def check_shard(ctx: WriteContext, task: ShardTask) -> bool:
     """True when a complete copy of this planned shard is on disk (what a resume would keep)."""
-    fingerprint = planned_fingerprint(ctx, task.records)
+    fingerprint = planned_fingerprint(ctx, task.load())
     return kept_shard(Path(ctx.out), task.relpath, fingerprint, verify=ctx.verify, listed=task.listed) is not None

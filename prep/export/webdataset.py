@@ -340,16 +340,19 @@ def _previous_index(out: Path) -> dict[str, dict]:
     return {entry["path"]: entry for entry in read_index(out / INDEX_FILE)["shards"]}
 
 
-def _tasks(plan: list[ShardPlan], manifest: Manifest, listed: dict[str, dict]) -> Iterator[tuple[int, tuple]]:
-    """(position, (ShardTask,)) per planned shard, its records read from the manifest only when drawn."""
+def _tasks(plan: list[ShardPlan], manifest: Manifest, listed: dict[str, dict], pool: WorkerPool) -> Iterator:
+    """(position, (ShardTask,)) per planned shard, drawn lazily; the records go with it only when
+    the workers cannot read the manifest themselves (spawned, not forked)."""
+    send = not (pool.shares_memory and pool.shared is manifest)
     for position, shard in enumerate(plan):
-        records = [manifest.record(row) for row in shard.rows.tolist()]
-        yield position, (ShardTask(shard.bucket, shard.index, records, listed.get(shard.relpath)),)
+        rows = shard.rows.tolist()
+        records = [manifest.record(row) for row in rows] if send else None
+        yield position, (ShardTask(shard.bucket, shard.index, rows, records, listed.get(shard.relpath)),)
 
 
 def _count_kept(pool: WorkerPool, ctx: WriteContext, plan, manifest, out: Path) -> int:
     """How many planned shards a resume would keep (dry run)."""
-    jobs = ((position, (ctx, *args)) for position, args in _tasks(plan, manifest, _previous_index(out)))
+    jobs = ((position, (ctx, *args)) for position, args in _tasks(plan, manifest, _previous_index(out), pool))
     return sum(kept for _, kept in pool.imap(check_shard, jobs, inline=len(plan) <= 1))
 
 
@@ -398,8 +401,8 @@ def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, pro
     """
     infos: list[dict] = [{}] * len(plan)
     try:
-        for position, info in pool.imap(process_shard, ((i, (ctx, *a)) for i, a in _tasks(plan, manifest, listed)),
-                                        inline=len(plan) <= 1):
+        jobs = ((i, (ctx, *args)) for i, args in _tasks(plan, manifest, listed, pool))
+        for position, info in pool.imap(process_shard, jobs, inline=len(plan) <= 1):
             skipped = info.pop("skipped")
             infos[position] = info
             skips.add(skipped)
@@ -480,7 +483,7 @@ def export_webdataset(
     options = ExportOptions(shard_size, limit, shuffle, seed, normalise_buckets(buckets), allow_stale, image_path)
     manifest = read_manifest(input_jsonl)
     workers = next((n for n in (num_workers, num_proc) if n is not None), None) or default_workers()
-    with WorkerPool(workers) as pool:
+    with WorkerPool(workers, shared=manifest) as pool:
         plan, summary, layout = _plan_export(manifest, derived_dir, out, options, pool)
         ctx = WriteContext(str(out), str(derived_dir), layout, resume=resume, verify=verify_kept)
         summary.dry_run = dry_run

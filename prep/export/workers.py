@@ -29,6 +29,14 @@ from typing import Any
 
 MAX_DEFAULT_WORKERS = 8
 _PR_SET_PDEATHSIG = 1
+_SHARED: Any = None  # the pool's `shared` object, in this process and (inherited) in forked workers
+
+
+def shared() -> Any:
+    """The `shared` object of the WorkerPool this task runs under (the manifest, for the export)."""
+    if _SHARED is None:
+        raise RuntimeError("no shared object: this task needs its records sent with it")
+    return _SHARED
 
 
 def default_workers() -> int:
@@ -56,19 +64,31 @@ def _init_worker(parent: int) -> None:
 
 
 class WorkerPool:
-    """`with WorkerPool(n) as pool: for tag, result in pool.imap(fn, jobs): ...`"""
+    """`with WorkerPool(n, shared) as pool: for tag, result in pool.imap(fn, jobs): ...`
 
-    def __init__(self, num_workers: int):
+    `shared`: an object the tasks reach with `shared()` instead of receiving it (the manifest:
+    tasks then carry row numbers, not records); available when `shares_memory`.
+    """
+
+    def __init__(self, num_workers: int, shared: Any = None):
         if num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
+        self.shared = shared
         self._executor: ProcessPoolExecutor | None = None
 
     @property
     def parallel(self) -> bool:
         return self.num_workers > 1
 
+    @property
+    def shares_memory(self) -> bool:
+        """True when tasks can use `shared()`: in this process, or in workers forked from it."""
+        return self.shared is not None and (not self.parallel or start_method() == "fork")
+
     def __enter__(self) -> WorkerPool:
+        global _SHARED
+        _SHARED = self.shared  # set before any worker is forked
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -86,6 +106,8 @@ class WorkerPool:
 
     def close(self, *, failed: bool = False) -> None:
         """Wait for the workers; after a failure, stop them first (their temp files stay for the sweep)."""
+        global _SHARED
+        _SHARED = None
         executor, self._executor = self._executor, None
         if executor is None:
             return
