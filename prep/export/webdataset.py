@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROGRESS_EVERY = 5000
 MAX_SKIP_WARNINGS = 20
 STATS_CHUNK = 2000
+AUTO_PARALLEL_MIN_SAMPLES = 256  # below this, without num_workers, shards are written in this process
 
 __all__ = [
     "CARD_FILE", "DEFAULT_SHARD_SIZE", "EXPORT_FORMAT", "INDEX_FILE", "JSON_FIELDS", "STATE_DIR", "STATS_FILE",
@@ -350,10 +351,15 @@ def _tasks(plan: list[ShardPlan], manifest: Manifest, listed: dict[str, dict], p
         yield position, (ShardTask(shard.bucket, shard.index, rows, records, listed.get(shard.relpath)),)
 
 
+def _inline(pool: WorkerPool, plan: list[ShardPlan]) -> bool:
+    """Shards in this process: one shard, or (workers not chosen) too few samples to pay for workers."""
+    return len(plan) <= 1 or (pool.auto and sum(len(s.rows) for s in plan) < AUTO_PARALLEL_MIN_SAMPLES)
+
+
 def _count_kept(pool: WorkerPool, ctx: WriteContext, plan, manifest, out: Path) -> int:
     """How many planned shards a resume would keep (dry run)."""
     jobs = ((position, (ctx, *args)) for position, args in _tasks(plan, manifest, _previous_index(out), pool))
-    return sum(kept for _, kept in pool.imap(check_shard, jobs, inline=len(plan) <= 1))
+    return sum(kept for _, kept in pool.imap(check_shard, jobs, inline=_inline(pool, plan)))
 
 
 def _prepare_output(out: Path, *, overwrite: bool) -> None:
@@ -402,7 +408,7 @@ def _run_shards(pool: WorkerPool, ctx: WriteContext, plan, manifest, listed, pro
     infos: list[dict] = [{}] * len(plan)
     try:
         jobs = ((i, (ctx, *args)) for i, args in _tasks(plan, manifest, listed, pool))
-        for position, info in pool.imap(process_shard, jobs, inline=len(plan) <= 1):
+        for position, info in pool.imap(process_shard, jobs, inline=_inline(pool, plan)):
             skipped = info.pop("skipped")
             infos[position] = info
             skips.add(skipped)
@@ -472,7 +478,8 @@ def export_webdataset(
     already in `output_dir` and neither `overwrite` nor `resume`), ValueError (bad options).
     `progress_bar`: tqdm on stderr; None = only when stderr is a terminal. `num_workers`:
     processes that check readiness and write shards (1 = in this process; default: the CPUs,
-    at most 8; `num_proc` is its older name); the output does not depend on it.
+    at most 8, and none for an export of under 256 samples or 2000 records; `num_proc` is its
+    older name); the output does not depend on it.
     `image_path`: "relative" (to the images root), "absolute" or "none" (prep/export/fields.py).
     `card_options` are passed to `prep.export.card.render_card`.
     """
@@ -482,8 +489,8 @@ def export_webdataset(
     )
     options = ExportOptions(shard_size, limit, shuffle, seed, normalise_buckets(buckets), allow_stale, image_path)
     manifest = read_manifest(input_jsonl)
-    workers = next((n for n in (num_workers, num_proc) if n is not None), None) or default_workers()
-    with WorkerPool(workers, shared=manifest) as pool:
+    workers = next((n for n in (num_workers, num_proc) if n is not None), None)
+    with WorkerPool(workers or default_workers(), shared=manifest, auto=workers is None) as pool:
         plan, summary, layout = _plan_export(manifest, derived_dir, out, options, pool)
         ctx = WriteContext(str(out), str(derived_dir), layout, resume=resume, verify=verify_kept)
         summary.dry_run = dry_run

@@ -67,14 +67,17 @@ class WorkerPool:
     """`with WorkerPool(n, shared) as pool: for tag, result in pool.imap(fn, jobs): ...`
 
     `shared`: an object the tasks reach with `shared()` instead of receiving it (the manifest:
-    tasks then carry row numbers, not records); available when `shares_memory`.
+    tasks then carry row numbers, not records); available when `shares_memory`. `auto`: the
+    number of workers is a default, not the caller's choice (callers may then keep small jobs
+    in this process with `inline`).
     """
 
-    def __init__(self, num_workers: int, shared: Any = None):
+    def __init__(self, num_workers: int, shared: Any = None, *, auto: bool = False):
         if num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.shared = shared
+        self.auto = auto  # the number was not chosen by the caller: small jobs may stay in this process
         self._executor: ProcessPoolExecutor | None = None
 
     @property
