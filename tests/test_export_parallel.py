@@ -154,3 +154,44 @@ def test_a_worker_killed_mid_shard_leaves_no_half_shard_and_resume_completes(dat
     assert s.new_shards == 12 - s.kept_shards and s.kept_shards <= len(done)
     assert tar_bytes(out) == reference
     assert (out / "index.json").read_bytes() == (baseline / "index.json").read_bytes()
+
+
+def test_an_error_in_a_worker_is_raised_as_is_and_leaves_no_temp_file(data, tmp_path, monkeypatch):
+    import errno
+
+    parent = os.getpid()
+    real = tarwriter.sample_members
+
+    def disk_full_in_a_worker(*args, **kwargs):
+        if os.getpid() != parent:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "shard")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tarwriter, "sample_members", disk_full_in_a_worker)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left on device"):
+        export_webdataset(data["manifest"], data["derived"], out, shard_size=2, progress_every=0, num_workers=2)
+    assert not list(out.rglob("*.prep-tmp")) and not list(out.rglob("*.tar"))
+    assert not (out / "index.json").exists()
+
+
+def test_card_options_reach_render_card(data, tmp_path, monkeypatch):
+    import prep.export.card as card
+
+    seen = {}
+    real = card.render_card
+
+    def render(index, metadata, **options):
+        seen.update(options)
+        return real(index, metadata)
+
+    monkeypatch.setattr(card, "render_card", render)
+    export_webdataset(data["manifest"], data["derived"], tmp_path / "out", progress_every=0, license="cc-by-4.0",
+                      pretty_name="Test")
+    assert seen == {"license": "cc-by-4.0", "pretty_name": "Test"}
+
+
+def test_a_misspelt_option_fails_before_any_work(data, tmp_path):
+    with pytest.raises(TypeError, match="shard_sise"):
+        export_webdataset(data["manifest"], data["derived"], tmp_path / "out", shard_sise=2)
+    assert not (tmp_path / "out").exists()

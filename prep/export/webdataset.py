@@ -35,6 +35,7 @@ samples: only row numbers are held, and a few shards' records at a time.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import sys
@@ -247,6 +248,16 @@ def normalise_buckets(buckets: str | Iterable[str] | None) -> set[str] | None:
         if not buckets:
             return None
     return {format_bucket(w, h) for w, h in parse_bucket_list(buckets)}
+
+
+def _check_card_options(card_options: dict) -> None:
+    """Options for render_card are checked before any work: a misspelt option fails now, not at the end."""
+    from prep.export.card import render_card
+
+    try:
+        inspect.signature(render_card).bind({}, {}, **card_options)
+    except TypeError as exc:
+        raise TypeError(f"export_webdataset: unexpected option(s) {sorted(card_options)} ({exc})") from None
 
 
 def _check_args(input_jsonl, derived_dir, output_dir, *, shard_size, limit, overwrite, resume) -> tuple:
@@ -487,6 +498,7 @@ def export_webdataset(
     input_jsonl, derived_dir, out, found = _check_args(
         input_jsonl, derived_dir, output_dir, shard_size=shard_size, limit=limit, overwrite=overwrite, resume=resume
     )
+    _check_card_options(card_options)
     options = ExportOptions(shard_size, limit, shuffle, seed, normalise_buckets(buckets), allow_stale, image_path)
     manifest = read_manifest(input_jsonl)
     workers = next((n for n in (num_workers, num_proc) if n is not None), None)
