@@ -195,3 +195,28 @@ def test_a_misspelt_option_fails_before_any_work(data, tmp_path):
     with pytest.raises(TypeError, match="shard_sise"):
         export_webdataset(data["manifest"], data["derived"], tmp_path / "out", shard_sise=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_two_exports_at_once_in_one_process_never_mix_their_manifests(data, baseline, tmp_path):
+    import threading
+
+    other = build_dataset(tmp_path / "other", per_bucket=3, seed=5)
+    alone = tmp_path / "other-alone"
+    export_webdataset(other["manifest"], other["derived"], alone, shard_size=2, progress_every=0, num_workers=1)
+    outs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    errors = []
+
+    def run(name, source):
+        try:
+            export_webdataset(source["manifest"], source["derived"], outs[name], shard_size=2, progress_every=0,
+                              num_workers=1)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("a", data)), threading.Thread(target=run, args=("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert tar_bytes(outs["a"]) == tar_bytes(baseline) and tar_bytes(outs["b"]) == tar_bytes(alone)

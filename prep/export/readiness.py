@@ -82,10 +82,13 @@ def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
     return reasons
 
 
-def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict] | None = None) -> ChunkResult:
-    """The readiness of a chunk of records (what a worker process runs); None: read them from the manifest."""
-    if records is None:
-        manifest = shared()
+def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict] | int) -> ChunkResult:
+    """The readiness of a chunk of records (what a worker process runs).
+
+    `records`: the records, or the token of the pool sharing the manifest they are read from.
+    """
+    if isinstance(records, int):
+        manifest = shared(records)
         records = [manifest.record(row) for row in rows]
     ready: list[int] = []
     codes: dict[str, int] = {}
@@ -113,10 +116,10 @@ def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict] | None =
     )
 
 
-def _chunks(manifest: Manifest, ctx: ReadyContext, send_records: bool) -> Iterator[tuple[int, tuple]]:
+def _chunks(manifest: Manifest, ctx: ReadyContext, token: int | None) -> Iterator[tuple[int, tuple]]:
     for start in range(0, len(manifest), CHUNK):
         rows = list(range(start, min(start + CHUNK, len(manifest))))
-        yield start, (ctx, rows, [manifest.record(row) for row in rows] if send_records else None)
+        yield start, (ctx, rows, [manifest.record(row) for row in rows] if token is None else token)
 
 
 def readiness(
@@ -136,10 +139,10 @@ def readiness(
     yardstick = None if allow_stale else expected_from_metadata(store.read_metadata(derived_dir))
     ctx = ReadyContext(str(derived_dir), yardstick, None if selected is None else frozenset(selected), field_roots)
     if pool is not None and pool.parallel and len(manifest) > CHUNK:
-        send = not (pool.shares_memory and pool.shared is manifest)  # else the workers read the manifest
-        results = dict(pool.imap(check_chunk, _chunks(manifest, ctx, send)))
+        token = pool.token if pool.shares_memory and pool.shared is manifest else None  # workers read it
+        results = dict(pool.imap(check_chunk, _chunks(manifest, ctx, token)))
     else:
-        results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx, True)}
+        results = {start: check_chunk(*args) for start, args in _chunks(manifest, ctx, None)}
     ready = _combine([results[start] for start in sorted(results)])
     ready.fields = None if field_roots is None else ready.fields
     return ready

@@ -135,7 +135,7 @@ class TarStream:
         self.flushed = 0  # bytes handed to the kernel's writeback so far
         try:
             f.flush()
-            self.fd, self.f = f.fileno(), None
+            self.fd, self.f = (f.fileno(), None) if hasattr(os, "writev") else (None, f)
         except (AttributeError, OSError, io.UnsupportedOperation):
             self.fd, self.f = None, f
 
@@ -192,13 +192,14 @@ class WriteContext:
 
 @dataclass
 class ShardTask:
-    """One planned shard: its manifest rows, in order, and their records (None: read from the manifest
-    shared with the workers, `prep.export.workers.shared()`); `listed`: its entry in a previous index.json."""
+    """One planned shard: its manifest rows, in order, and their records, or the token of the pool
+    sharing the manifest they are read from (`prep.export.workers.shared`); `listed`: its entry
+    in a previous index.json."""
 
     bucket: str
     index: int
     rows: list[int]
-    records: list[dict] | None = None
+    records: list[dict] | int
     listed: dict | None = field(default=None)
 
     @property
@@ -206,8 +207,8 @@ class ShardTask:
         return shard_relpath(self.bucket, self.index)
 
     def load(self) -> list[dict]:
-        if self.records is None:
-            manifest = shared()
+        if isinstance(self.records, int):
+            manifest = shared(self.records)
             self.records = [manifest.record(row) for row in self.rows]
         return self.records
 

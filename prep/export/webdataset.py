@@ -355,10 +355,10 @@ def _previous_index(out: Path) -> dict[str, dict]:
 def _tasks(plan: list[ShardPlan], manifest: Manifest, listed: dict[str, dict], pool: WorkerPool) -> Iterator:
     """(position, (ShardTask,)) per planned shard, drawn lazily; the records go with it only when
     the workers cannot read the manifest themselves (spawned, not forked)."""
-    send = not (pool.shares_memory and pool.shared is manifest)
+    token = pool.token if pool.shares_memory and pool.shared is manifest else None
     for position, shard in enumerate(plan):
         rows = shard.rows.tolist()
-        records = [manifest.record(row) for row in rows] if send else None
+        records = [manifest.record(row) for row in rows] if token is None else token
         yield position, (ShardTask(shard.bucket, shard.index, rows, records, listed.get(shard.relpath)),)
 
 

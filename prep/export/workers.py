@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
@@ -29,14 +30,18 @@ from typing import Any
 
 MAX_DEFAULT_WORKERS = 8
 _PR_SET_PDEATHSIG = 1
-_SHARED: Any = None  # the pool's `shared` object, in this process and (inherited) in forked workers
+# token -> a pool's `shared` object, in this process and (inherited) in its forked workers;
+# one entry per open pool, so two exports in one process never read each other's manifest
+_SHARED: dict[int, Any] = {}
+_TOKENS = itertools.count(1)
 
 
-def shared() -> Any:
-    """The `shared` object of the WorkerPool this task runs under (the manifest, for the export)."""
-    if _SHARED is None:
-        raise RuntimeError("no shared object: this task needs its records sent with it")
-    return _SHARED
+def shared(token: int) -> Any:
+    """The `shared` object of the WorkerPool whose `token` this task carries (the manifest, for the export)."""
+    try:
+        return _SHARED[token]
+    except KeyError:
+        raise RuntimeError("no shared object here: this task needs its records sent with it") from None
 
 
 def default_workers() -> int:
@@ -66,8 +71,8 @@ def _init_worker(parent: int) -> None:
 class WorkerPool:
     """`with WorkerPool(n, shared) as pool: for tag, result in pool.imap(fn, jobs): ...`
 
-    `shared`: an object the tasks reach with `shared()` instead of receiving it (the manifest:
-    tasks then carry row numbers, not records); available when `shares_memory`. `auto`: the
+    `shared`: an object the tasks reach with `shared(pool.token)` instead of receiving it (the
+    manifest: tasks then carry row numbers, not records); available when `shares_memory`. `auto`: the
     number of workers is a default, not the caller's choice (callers may then keep small jobs
     in this process with `inline`).
     """
@@ -77,6 +82,7 @@ class WorkerPool:
             raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.shared = shared
+        self.token = next(_TOKENS)
         self.auto = auto  # the number was not chosen by the caller: small jobs may stay in this process
         self._executor: ProcessPoolExecutor | None = None
 
@@ -86,12 +92,12 @@ class WorkerPool:
 
     @property
     def shares_memory(self) -> bool:
-        """True when tasks can use `shared()`: in this process, or in workers forked from it."""
+        """True when tasks can use `shared(token)`: in this process, or in workers forked from it."""
         return self.shared is not None and (not self.parallel or start_method() == "fork")
 
     def __enter__(self) -> WorkerPool:
-        global _SHARED
-        _SHARED = self.shared  # set before any worker is forked
+        if self.shared is not None:
+            _SHARED[self.token] = self.shared  # before any worker is forked
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -109,8 +115,7 @@ class WorkerPool:
 
     def close(self, *, failed: bool = False) -> None:
         """Wait for the workers; after a failure, stop them first (their temp files stay for the sweep)."""
-        global _SHARED
-        _SHARED = None
+        _SHARED.pop(self.token, None)
         executor, self._executor = self._executor, None
         if executor is None:
             return
