@@ -220,3 +220,20 @@ def test_two_exports_at_once_in_one_process_never_mix_their_manifests(data, base
         t.join()
     assert not errors
     assert tar_bytes(outs["a"]) == tar_bytes(baseline) and tar_bytes(outs["b"]) == tar_bytes(alone)
+
+
+def test_readiness_in_workers_equals_readiness_in_process(monkeypatch, tmp_path):
+    from prep.export import readiness as readiness_module
+    from prep.manifest import read_manifest
+
+    data = build_dataset(tmp_path / "d", per_bucket=6)
+    manifest = read_manifest(data["manifest"])
+    alone = readiness_module.readiness(manifest, data["derived"], field_roots=())
+    monkeypatch.setattr(readiness_module, "CHUNK", 4)  # 24 records: six chunks, in two workers
+    for send in (False, True):
+        with WorkerPool(2, shared=None if send else manifest) as pool:
+            assert pool.shares_memory is not send
+            ready = readiness_module.readiness(manifest, data["derived"], pool=pool, field_roots=())
+        assert ready.rows.tolist() == alone.rows.tolist() and ready.codes.tolist() == alone.codes.tolist()
+        assert (ready.bucket_names, ready.reasons, ready.not_ready) == (alone.bucket_names, alone.reasons, 5)
+        assert ready.fields == alone.fields and ready.fields.records == 18
