@@ -56,7 +56,8 @@ s = export_webdataset(manifest, derived, out, shard_size=shard_size, progress_ev
 export_s = time.perf_counter() - t
 export_cpu_s = cpu() - cpu_before
 print(json.dumps({
-    "readiness_s": readiness_s, "export_s": export_s, "export_cpu_s": export_cpu_s, "samples": s.written_samples, "shards": s.written_shards,
+    "readiness_s": readiness_s, "export_s": export_s, "export_cpu_s": export_cpu_s,
+    "samples": s.written_samples, "shards": s.written_shards,
     "tar_bytes": s.bytes_written, "rss_after_imports": rss_after_imports,
     "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,

@@ -221,7 +221,9 @@ def _stat_line(kind: str, st: os.stat_result | None) -> bytes:
     return f"{kind}:missing\n".encode() if st is None else f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode()
 
 
-def read_side_file(path: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytes | None, str, os.stat_result | None]:
+def read_side_file(
+    path: str, shape: tuple[int, ...], dtype: np.dtype
+) -> tuple[bytes | None, str, os.stat_result | None]:
     """(the file's bytes, "", stat) when it is a valid side file, else (None, why, stat or None).
 
     One read into memory; the size is checked against the largest valid file first, so

@@ -5,9 +5,10 @@ Linux the workers are forked: fast, and the caller's script is never re-imported
 "spawn" an unguarded script would run again in every worker). A forked child of a threaded
 process can only deadlock on a lock another thread held; the workers run nothing but this
 package's code, which takes no such lock (no logging, printing or importing in the
-workers). Elsewhere they are spawned: call the export under `if __name__ == "__main__":`. At most a few tasks are in flight, so
-memory stays flat however many there are; results come back as they complete, tagged, and
-the caller puts them in order. Workers die with their parent (Linux: PR_SET_PDEATHSIG), so a
+workers). Elsewhere they are spawned: call the export under `if __name__ == "__main__":`.
+
+At most a few tasks are in flight, so memory stays flat however many there are; results
+come back as they complete, tagged, and the caller puts them in order. Workers die with their parent (Linux: PR_SET_PDEATHSIG), so a
 SIGKILLed export leaves no orphan writing on; a worker that dies (killed, out of memory)
 fails the export with a one-line error, and the other workers are stopped. Either way a
 shard is only ever renamed to its final name when complete: what a crash leaves is temp
