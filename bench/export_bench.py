@@ -52,7 +52,7 @@ def cpu():
 cpu_before = cpu()
 t = time.perf_counter()
 s = export_webdataset(manifest, derived, out, shard_size=shard_size, progress_every=0, progress_bar=False,
-                      num_workers=workers)
+                      **({} if workers is None else {"num_workers": workers}))
 export_s = time.perf_counter() - t
 export_cpu_s = cpu() - cpu_before
 print(json.dumps({
