@@ -42,7 +42,15 @@ from prep.export.webdataset import export_webdataset, readiness
 from prep.manifest import read_manifest
 manifest, derived, out, shard_size = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 workers = int(sys.argv[5]) if sys.argv[5] != "None" else None
-rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def peak_rss():
+    # VmHWM starts afresh at exec; ru_maxrss carries the size of the process that forked us
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+rss_after_imports = peak_rss()
 t = time.perf_counter()
 readiness(read_manifest(manifest), derived)  # in this process: the serial cost of the readiness pass
 readiness_s = time.perf_counter() - t
@@ -59,7 +67,8 @@ print(json.dumps({
     "readiness_s": readiness_s, "export_s": export_s, "export_cpu_s": export_cpu_s,
     "samples": s.written_samples, "shards": s.written_shards,
     "tar_bytes": s.bytes_written, "rss_after_imports": rss_after_imports,
-    "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "peak_rss": peak_rss(),
+    # forked workers: ru_maxrss counts the pages they share with this process (an upper bound)
     "peak_rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
 }))
 """
