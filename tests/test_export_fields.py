@@ -34,6 +34,9 @@ from prep.export.webdataset import export_webdataset, format_summary, hf_feature
         ("/one/file.jpg", ["/one/file.jpg"], None, "file.jpg"),  # a root that is the file itself
         ("images/sub/z.jpg", ["/abs/root"], "images", "sub/z.jpg"),  # relative paths: their common parent
         ("a/x.jpg", [], "", "a/x.jpg"),
+        ("/home/alice/x.jpg", [], "/", "x.jpg"),  # only "/" in common: nothing above the file is safe
+        ("../../home/alice/x.jpg", [], "", "x.jpg"),  # would climb out: the file name
+        ("../photos/x.jpg", [], "..", "photos/x.jpg"),
         ("s3://bucket/private/a.jpg", ["/data"], "/data", "s3://bucket/private/a.jpg"),  # a URI stays
         ("https://example.org/a.jpg", [], None, "https://example.org/a.jpg"),
     ],
@@ -232,3 +235,10 @@ def test_mask_member_is_what_numpy_writes():
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.asarray(short, dtype=np.uint8), version=(1, 0), allow_pickle=False)
     assert mask_member({"t5_attention_mask": short}) == buf.getvalue()
+
+
+def test_paths_with_only_the_root_in_common_keep_their_file_name_only(tmp_path):
+    data = _dataset(tmp_path / "d", paths=lambda i: f"/home/alice/p/{i}.jpg" if i % 2 else f"/mnt/bob_disk/{i}.jpg")
+    _export(data, out := tmp_path / "out")
+    assert sorted(m["image_path"] for m in _json_members(out).values()) == [f"{i}.jpg" for i in range(8)]
+    assert b"alice" not in _all_tar_bytes(out) and b"bob_disk" not in _all_tar_bytes(out)

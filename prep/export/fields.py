@@ -15,9 +15,10 @@ every sample, with the reason in stats.json and index.json.
 
 `image_path` (the exported value, see `relative_image_path`): "relative" to the images root
 (the `images_roots` the pipeline records in prep_metadata.json; else the common parent folder
-of the exported paths), "absolute" (as in the record), or "none" (no image_path key). A URI
-("://") is kept as it is. Absolute paths tell user names and private folder names: relative
-is the default.
+of the exported paths; the file name alone when that parent is "/" or the path climbs out
+with ".."), "absolute" (as in the record), or "none" (no image_path key). A URI ("://") is
+kept as it is. Absolute paths tell user names and private folder names: relative is the
+default.
 """
 
 from __future__ import annotations
@@ -64,22 +65,27 @@ def _under(path: str, root: str) -> bool:
 def relative_image_path(path: str, roots: Sequence[str] = (), base: str | None = None) -> str:
     """`path` without the private part: relative to the longest of `roots` holding it, else to `base`.
 
-    A URI ("://") is returned as it is; a path under neither is reduced to its file name.
-    `roots` are absolute, normalised folders; `base` the common parent folder of the paths
-    (absolute or relative, like `path`). The result uses "/" separators.
+    A URI ("://") is returned as it is. A path under neither, or whose only common parent is
+    the filesystem root, or that would still climb out with "..", is reduced to its file name
+    (what is above an images folder is exactly what must not leak). `roots` are absolute,
+    normalised folders; `base` the common parent folder of the paths (absolute or relative,
+    like `path`). The result uses "/" separators.
     """
     if "://" in path:
         return path
     norm = os.path.normpath(path)
     root = max((r for r in roots if _under(norm, r)), key=len, default=None)
     if root is None and base is not None and os.path.isabs(base) == os.path.isabs(norm):
-        root = base if base in ("", ".") or _under(norm, base) else None
+        usable = base in ("", ".") or (_under(norm, base) and os.path.dirname(base) != base)
+        root = base if usable else None
     if root is None or norm == root:
         relative = os.path.basename(norm)
     elif root in ("", "."):
         relative = norm
     else:
         relative = norm[len(root.rstrip(os.sep)) + 1 :]  # _under(norm, root): a prefix, then a separator
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        relative = os.path.basename(norm)
     return relative.replace(os.sep, "/")
 
 
