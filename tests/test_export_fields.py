@@ -48,7 +48,7 @@ def test_relative_image_path(path, roots, base, expected):
 def test_images_roots_from_metadata():
     assert images_roots({}) == ()
     assert images_roots({"images_roots": "/data"}) == ()
-    assert images_roots({"images_roots": ["/b/", "/a", "relative", 3, "/a/./"]}) == ("/a", "/b")
+    assert images_roots({"images_roots": ["/b/", "/a", "relative", 3, "/a/./", "/", "//"]}) == ("/a", "/b")
 
 
 def test_common_parent_of_the_paths():

@@ -90,11 +90,15 @@ def relative_image_path(path: str, roots: Sequence[str] = (), base: str | None =
 
 
 def images_roots(metadata: dict) -> tuple[str, ...]:
-    """The absolute images roots recorded in prep_metadata.json (`images_roots`), normalised."""
+    """The absolute images roots recorded in prep_metadata.json (`images_roots`), normalised.
+
+    The filesystem root is left out: a path relative to "/" is the whole path.
+    """
     roots = metadata.get("images_roots")
     if not isinstance(roots, list):
         return ()
-    return tuple(sorted({os.path.normpath(r) for r in roots if isinstance(r, str) and os.path.isabs(r)}))
+    norm = {os.path.normpath(r) for r in roots if isinstance(r, str) and os.path.isabs(r)}
+    return tuple(sorted(r for r in norm if os.path.dirname(r) != r))
 
 
 def _common(a: str | None, b: str) -> str:
