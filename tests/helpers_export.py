@@ -50,8 +50,9 @@ def write_manifest(path: Path, records: list[dict], extra_lines: list[str] = ())
 def build_dataset(tmp: Path, *, per_bucket: int = 5, seed: int = 0, broken: bool = True) -> dict:
     """A manifest + side files; returns paths, the ready ids and the expected not-ready reasons.
 
-    Ready records have an extra scalar `score` (float) and `source` (str) in all of them, and a
-    `tags` list plus a `rare` field in only some (these two must be dropped from the JSON member).
+    Ready records have an extra scalar `score` (float) and `source` (str) in all of them, a
+    `rare` int in only some (exported as null where missing) and a `tags` list in some (dropped:
+    not a scalar).
     """
     rng = np.random.default_rng(seed)
     derived = tmp / "derived"

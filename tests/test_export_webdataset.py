@@ -17,6 +17,7 @@ from helpers_export import SMALL_BUCKETS, build_dataset, side_arrays, tar_bytes
 
 from prep import store
 from prep.cli import main
+from prep.export import tarwriter
 from prep.export import webdataset as wexp
 from prep.export.webdataset import export_webdataset
 
@@ -96,7 +97,8 @@ def test_counts_layout_and_members(data, baseline):
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
     assert not list(out.rglob("*.prep-tmp"))
 
-    # JSON members: one key set, no nulls; extras present in all samples kept, others dropped
+    # JSON members: one key set in every sample; a user field missing in some records is null
+    # there (rare), a list field is dropped (tags); image_path relative to the common parent
     samples = _samples_by_key(out)
     assert sorted(samples) == sorted(data["ready"])
     keysets = set()
@@ -105,17 +107,19 @@ def test_counts_layout_and_members(data, baseline):
         assert sorted(sample) == sorted(MEMBER_SUFFIXES)
         obj = json.loads(sample["json"])
         keysets.add(tuple(obj))
-        assert None not in obj.values()
         assert obj["image_id"] == key and obj["caption"] == by_id[key]["caption"]
+        assert obj["image_path"] == f"{key}.jpg" and obj["rare"] == by_id[key].get("rare")
         assert sample["dinov3.npy"] == store.artifact_path(data["derived"], "dinov3", key).read_bytes()
         assert sample["vae.npy"] == store.artifact_path(data["derived"], "vae", key).read_bytes()
         assert sample["t5h.npy"] == store.artifact_path(data["derived"], "t5", key).read_bytes()
         mask = np.load(io.BytesIO(sample["t5m.npy"]), allow_pickle=False)
         assert mask.dtype == np.uint8 and mask.tolist() == by_id[key]["t5_attention_mask"]
     assert keysets == {
-        ("image_id", "image_path", "caption", "height", "width", "aspect_bucket", "format_version", "score", "source")
+        ("image_id", "image_path", "caption", "height", "width", "aspect_bucket", "format_version", "rare", "score",
+         "source")
     }
-    assert set(s.dropped_fields) == {"tags", "rare"}
+    assert s.dropped_fields == {"tags": "not a scalar (list or dict)"}
+    assert s.field_notes == {"rare": "null in 11 of 15 samples"}
     card = (out / "README.md").read_text()
     assert "config_name: bucket_64x64" in card and "path: bucket_64x64/*.tar" in card
     assert "(z - shift_factor) * scaling_factor" in card
@@ -214,7 +218,7 @@ def test_existing_export_needs_overwrite(data, baseline, tmp_path):
 
 def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = wexp._add_sample
+    real = tarwriter.sample_members
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -223,10 +227,10 @@ def test_interrupted_export_then_resume(data, baseline, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(wexp, "_add_sample", flaky)
+    monkeypatch.setattr(tarwriter, "sample_members", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _export(data, out, shard_size=2)
-    monkeypatch.setattr(wexp, "_add_sample", real)
+        _export(data, out, shard_size=2, num_workers=1)
+    monkeypatch.setattr(tarwriter, "sample_members", real)
 
     assert not (out / "index.json").exists()
     assert not list(out.rglob("*.prep-tmp"))  # the half-written shard's temp file is gone
@@ -279,8 +283,9 @@ def test_unsafe_id_refused(data, tmp_path):
         with pytest.raises(ValueError, match="refusing to export image_id"):
             wexp.check_key(bad)
     record = dict(data["records"][0], image_id="x.y")
-    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar, pytest.raises(ValueError, match="x.y"):
-        wexp._add_sample(tar, record, data["derived"], [], hashlib.sha256())
+    ctx = tarwriter.WriteContext(str(tmp_path), str(data["derived"]))
+    with pytest.raises(ValueError, match="x.y"):
+        tarwriter.sample_members(ctx, record, hashlib.sha256())
 
 
 def test_empty_export(tmp_path):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prep.export.webdataset import ExportSummary, export_webdataset, format_summary
+from prep.export.webdataset import ExportSummary, export_webdataset, format_summary, hf_features
 
-__all__ = ["ExportSummary", "export_webdataset", "format_summary", "push_export"]
+__all__ = ["ExportSummary", "export_webdataset", "format_summary", "hf_features", "push_export"]
 
 
 def __getattr__(name: str):
