@@ -58,7 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     opts = from_namespace(VerifyOptions, args)
     judged = judging_config(opts.derived_dir, model_choices(args))
     report = verify_manifest(
-        opts.manifest, opts.derived_dir, workers=opts.num_workers, expected=expected_of(judged),
+        opts.manifest, opts.derived_dir, workers=opts.num_workers or 8, expected=expected_of(judged),
         adopt_with=judged if opts.adopt else None,
     )
     print_report(report, as_json=opts.json)
@@ -72,8 +72,8 @@ def cmd_export_webdataset(args: argparse.Namespace) -> int:
     summary = export_webdataset(
         opts.manifest, opts.derived_dir, opts.output_dir, shard_size=opts.shard_size, limit=opts.limit,
         shuffle=opts.shuffle, seed=opts.seed, buckets=opts.bucket, overwrite=opts.overwrite, resume=opts.resume,
-        dry_run=opts.dry_run, progress_every=opts.progress_every, num_proc=opts.num_workers,
-        allow_stale=opts.allow_stale,
+        dry_run=opts.dry_run, progress_every=opts.progress_every, num_workers=opts.num_workers,
+        allow_stale=opts.allow_stale, image_path=opts.image_path, license=opts.license,
     )
     print(json.dumps(summary.to_dict(), indent=2) if opts.json else format_summary(summary))
     return EXIT_OK
@@ -102,7 +102,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = build_report(
         opts.manifest, opts.derived_dir, opts.output_dir, samples=opts.samples, seed=opts.seed,
         decode=not opts.no_decode, vae_model=opts.vae_model, vae_subfolder=opts.vae_subfolder,
-        t5_model=opts.t5_model, device=opts.device, dtype=opts.dtype, workers=opts.num_workers,
+        t5_model=opts.t5_model, device=opts.device, dtype=opts.dtype, workers=opts.num_workers or 8,
     )
     print(summary_line(result))
     return EXIT_OK

@@ -38,4 +38,3 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 
 # Caption files beside the images are read up to this size (a caption, not a book).
 MAX_CAPTION_FILE_BYTES = 64 * 1024
-DEFAULT_OUTPUT_BASE_DIR = DEFAULT_DERIVED_DIR  # TODO(merge): the old name, until the export/loading branches land

@@ -82,7 +82,7 @@ def _row(record: dict) -> dict:
 
 def load_manifest(
     manifest: str | Path = config.DEFAULT_MANIFEST,
-    derived_dir: str | Path = config.DEFAULT_OUTPUT_BASE_DIR,
+    derived_dir: str | Path = config.DEFAULT_DERIVED_DIR,
     *,
     ready_only: bool = False,
 ):
@@ -129,7 +129,7 @@ def load_manifest(
     return Dataset(table).with_transform(ArrayLoader(derived_dir))
 
 
-_MOVED_TO_SHARDS = ("load_shards", "resolve_shards", "decode_sample", "collate", "check_member_name", "SAMPLE_MEMBERS")
+_MOVED_TO_SHARDS = ("load_shards", "resolve_shards", "decode_sample", "collate", "check_member_name")
 
 
 def __getattr__(name: str):

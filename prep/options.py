@@ -220,9 +220,11 @@ class DatasetPaths:
 
 @dataclass
 class Parallel:
-    num_workers: int = opt(
-        2, "worker processes (run: image decoding per rank; export: shard writers; verify: reader threads)",
-        aliases=("--workers", "--num-proc"), group="speed",
+    num_workers: int | None = opt(
+        None,
+        "parallel workers: run: image-decoding processes per rank (default 2); export: shard-writing processes "
+        "(default: the CPUs, at most 8; small exports stay in one process); verify: reader threads (default 8)",
+        aliases=("--workers", "--num-proc"), metavar="N", group="speed",
     )
 
 
@@ -298,6 +300,8 @@ class RunOptions(Logging, Parallel, DatasetPaths):
     def __post_init__(self) -> None:
         from prep import stages
 
+        if self.num_workers is None:
+            self.num_workers = 2
         self.manifest = Path(self.manifest)
         self.derived_dir = Path(self.derived_dir)
         if self.images is not None:
@@ -443,6 +447,19 @@ class ExportOptions(Logging, Parallel, DatasetPaths):
         group="export",
     )
     progress_every: int = opt(5000, "log a progress line every N samples, 0 = never", metavar="N", group="export")
+    image_path: str = opt(
+        "relative",
+        "what the samples' image_path holds: the path relative to the images root the run recorded (else to the "
+        "common parent folder of the exported images; URIs are kept), the absolute path as in the record, or none "
+        "(no image_path key). Absolute paths show user and folder names",
+        choices=("relative", "absolute", "none"), group="export",
+    )
+    license: str = opt(
+        "other",
+        "licence id for the dataset card (a Hub licence id, e.g. cc-by-4.0). The arrays also fall under the licences "
+        "of the models that made them, listed in the card",
+        group="export",
+    )
     json: bool = opt(False, "print the summary as JSON")
 
 

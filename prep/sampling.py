@@ -34,13 +34,19 @@ import torch.utils.data
 from prep.shards import BUCKET_DIR_RE, _bucket_name, resolve_rank_world
 
 # collate: output name -> the names the row formats use (load_manifest, datasets webdataset, load_shards)
-ARRAY_FIELDS = {
-    "vae": ("vae", "vae.npy"),
-    "t5_hidden": ("t5_hidden", "t5h.npy"),
-    "t5_mask": ("t5_mask", "t5m.npy", "t5_attention_mask"),
-    "dinov3": ("dinov3", "dinov3.npy"),
-}
-ARRAY_DTYPES = {"vae": torch.float16, "t5_hidden": torch.float16, "t5_mask": torch.bool, "dinov3": torch.float32}
+
+
+def array_fields() -> dict[str, tuple[tuple[str, ...], torch.dtype]]:
+    """{output name: (the names a row format may use for it, the torch dtype of the batch)}, from
+    the artifact table: the loading column, the export member, and for arrays made from a record
+    field (the T5 mask) that field."""
+    from prep import stages
+
+    fields = {}
+    for artifact in stages.artifacts().values():
+        names = (artifact.column, artifact.member, *((artifact.record_field,) if artifact.record_field else ()))
+        fields[artifact.column] = (names, getattr(torch, artifact.collate_dtype or artifact.dtype.name))
+    return fields
 
 
 # -------------------------------------------------------------------- bucket labels
@@ -237,7 +243,7 @@ def collate(rows: list[dict]) -> dict:
     if not rows:
         raise ValueError("collate got an empty batch")
     batch: dict[str, Any] = {}
-    for out, names in ARRAY_FIELDS.items():
+    for out, (names, dtype) in array_fields().items():
         arrays = []
         for row in rows:
             value = _field(row, names, out, f"row {_row_id(row)!r}")
@@ -250,7 +256,7 @@ def collate(rows: list[dict]) -> dict:
                 "prep.BucketBatchSampler (DataLoader(ds, batch_sampler=...)) so a batch holds one bucket"
             )
         stacked = np.stack(arrays)
-        batch[out] = torch.from_numpy(stacked != 0 if out == "t5_mask" else stacked).to(ARRAY_DTYPES[out])
+        batch[out] = torch.from_numpy(stacked != 0 if dtype is torch.bool else stacked).to(dtype)
     batch["image_id"] = [_row_id(r) for r in rows]
     batch["caption"] = [_meta(r, "caption") for r in rows]
     buckets = {_meta(r, "aspect_bucket") for r in rows}

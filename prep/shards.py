@@ -52,8 +52,18 @@ BUCKET_DIR_RE = re.compile(r"bucket_([1-9][0-9]*x[1-9][0-9]*)")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 INDEX_FILE = "index.json"
 METADATA_FILE = "prep_metadata.json"  # the derived dir's metadata (prep.store.METADATA_FILE)
-SAMPLE_MEMBERS = {"dinov3.npy": "dinov3", "vae.npy": "vae", "t5h.npy": "t5_hidden", "t5m.npy": "t5_mask"}
-REQUIRED_MEMBERS = ("json", *SAMPLE_MEMBERS)
+
+
+def sample_members() -> dict[str, str]:
+    """{member suffix: sample key} of the array members, from the artifact table (`prep.stages`)."""
+    from prep import stages
+
+    return {artifact.member: artifact.column for artifact in stages.artifacts().values()}
+
+
+def required_members() -> tuple[str, ...]:
+    return ("json", *sample_members())
+
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a 2048x2048 latent is 2 MiB; the T5 state 154 KiB
 DEFAULT_SHUFFLE_BUFFER = 256
 _MAX_NPY_HEADER = 10_000
@@ -379,10 +389,10 @@ def _decode_json(data: bytes | bytearray, where: str) -> dict:
 
 
 def _finish_sample(key: str, members: dict, url: str) -> dict:
-    missing = [m for m in REQUIRED_MEMBERS if m not in members]
+    missing = [m for m in required_members() if m not in members]
     if missing:
         raise ShardError(f"sample {key!r} in {url} lacks member(s) {', '.join(missing)}")
-    return {"key": key, "json": members["json"], **{name: members[m] for m, name in SAMPLE_MEMBERS.items()}}
+    return {"key": key, "json": members["json"], **{name: members[m] for m, name in sample_members().items()}}
 
 
 def iter_tar_samples(
@@ -398,6 +408,7 @@ def iter_tar_samples(
     ShardError (a ValueError) naming the shard and member for anything unsafe or malformed.
     """
     stream, mode = _tar_mode(stream, url, allow_compressed)
+    wanted = sample_members()
     key: str | None = None
     members: dict[str, Any] = {}
     try:
@@ -416,7 +427,7 @@ def iter_tar_samples(
                         f"so its sample lacks member {_split_name(name)[1]!r})"
                     )
                 member_key, ext = _split_name(name)
-                if member_key is None or (ext != "json" and ext not in SAMPLE_MEMBERS):
+                if member_key is None or (ext != "json" and ext not in wanted):
                     continue  # not part of a sample: skipped unread
                 if info.size > max_member_bytes:
                     raise ShardError(
@@ -447,12 +458,13 @@ def count_samples(url: str, *, fs=None, allow_compressed: bool = False) -> int:
             raw.seek(0)
             stream, mode = raw, "r:"  # random access: headers only
         keys, last = 0, None
+        wanted = sample_members()
         try:
             with tarfile.open(fileobj=stream, mode=mode) as tar:
                 for info in tar:
                     tar.members = []
                     key, ext = _split_name(info.name)
-                    if key is not None and (ext == "json" or ext in SAMPLE_MEMBERS) and key != last:
+                    if key is not None and (ext == "json" or ext in wanted) and key != last:
                         keys, last = keys + 1, key
         except tarfile.TarError as exc:
             raise ShardError(f"shard {url}: not a readable tar ({exc})") from None
@@ -463,11 +475,11 @@ def decode_sample(sample: dict) -> dict:
     """A raw WebDataset sample (bytes per member) -> key, json dict and numpy arrays (no pickle)."""
     key = sample.get("__key__")
     where = f"sample {key!r} in {sample.get('__url__')}"
-    missing = [m for m in REQUIRED_MEMBERS if m not in sample]
+    missing = [m for m in required_members() if m not in sample]
     if missing:
         raise ShardError(f"{where} lacks member(s) {', '.join(missing)}")
     out: dict[str, Any] = {"key": key, "json": _decode_json(sample["json"], f"{where} member json")}
-    for member, name in SAMPLE_MEMBERS.items():
+    for member, name in sample_members().items():
         out[name] = decode_npy(sample[member], f"{where} member {member}")
     return out
 
@@ -475,7 +487,7 @@ def decode_sample(sample: dict) -> dict:
 def collate(samples: list[dict]) -> dict:
     """Stack a list of decoded samples of one bucket: arrays get a leading batch axis (numpy)."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "json": [s["json"] for s in samples]}
-    for name in SAMPLE_MEMBERS.values():
+    for name in sample_members().values():
         batch[name] = np.stack([s[name] for s in samples])
     return batch
 

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import secrets
+import stat
 import tokenize
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from prep.records import is_safe_id, validate_record
 
 METADATA_FILE = "prep_metadata.json"
 LOCK_FILE = ".prep.lock"
-MAX_NPY_HEADER = 1 << 16  # numpy writes a few hundred bytes; a longer header is hostile
+MAX_NPY_HEADER = 10_000  # numpy refuses longer headers by default (max_header_size); ours are 128 bytes
 # What numpy raises on a bad .npy: a malformed header dict fails in its tokenizer or
 # literal_eval (SyntaxError, TokenError), not only with ValueError.
 _BAD_NPY = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, MemoryError, OverflowError)
@@ -263,6 +264,47 @@ def read_npy_bytes(
     found_shape, found_dtype, offset = parse_npy_header(bytes(data[: 12 + MAX_NPY_HEADER]))
     check_npy_bytes_layout(found_shape, found_dtype, offset, len(data), shape, dtype)
     return np.frombuffer(data, dtype=found_dtype, offset=offset).reshape(found_shape).copy()
+
+
+# dtype -> (unsigned view, exponent mask): inf and NaN have every exponent bit set
+_EXPONENT = {
+    np.dtype("<f2"): (np.dtype("<u2"), 0x7C00),
+    np.dtype("<f4"): (np.dtype("<u4"), 0x7F800000),
+    np.dtype("<f8"): (np.dtype("<u8"), 0x7FF0000000000000),
+}
+
+
+def all_finite(payload, dtype: np.dtype) -> bool:
+    """True when no value of a payload is inf or NaN, checked on the bit patterns (no float copy)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _EXPONENT:
+        return dtype.kind not in "fc" or bool(np.isfinite(np.frombuffer(payload, dtype=dtype)).all())
+    view, mask = _EXPONENT[dtype]
+    bits = np.frombuffer(payload, dtype=view)
+    return bits.size == 0 or int(np.bitwise_and(bits, mask).max()) != mask
+
+
+def read_side_file(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """A side file's bytes in one read, once they proved a valid array: the header matches `shape`
+    and `dtype`, the size is exactly header + payload (nothing is read from a file too large to be
+    valid) and every value is finite. FileNotFoundError when missing, BadArray (why) otherwise."""
+    dtype = np.dtype(dtype)
+    largest = 12 + MAX_NPY_HEADER + payload_size(tuple(shape), dtype)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadArray("not a regular file")
+        if st.st_size > largest:
+            raise BadArray("wrong file size")
+        data = os.read(fd, st.st_size + 1)  # +1 sees a file that grew since fstat
+    finally:
+        os.close(fd)
+    found_shape, found_dtype, offset = parse_npy_header(data[: 12 + MAX_NPY_HEADER])
+    check_npy_bytes_layout(found_shape, found_dtype, offset, len(data), shape, dtype)
+    if not all_finite(memoryview(data)[offset:], found_dtype):
+        raise BadArray("non-finite values")
+    return data
 
 
 def load_npy(path: str | Path, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None) -> np.ndarray | None:

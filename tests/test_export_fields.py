@@ -152,7 +152,7 @@ def _stage1_extra(i: int) -> dict:
     extra["weird"] = "x" if i == 4 else 3  # str and int: dropped
     extra["flag"] = True if i else 1  # bool and int: dropped
     extra["always_null"] = None
-    extra["provenance"] = {}  # (an empty stamp set: not stale, not exported)
+    # no `provenance` field: records of an older manifest, which vouch for their files
     extra["image_fingerprint"] = {"size": 1, "sha256": "ab"}
     return extra
 

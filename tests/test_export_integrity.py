@@ -18,7 +18,7 @@ from helpers_export import build_dataset, tar_bytes
 from prep import store
 from prep.buckets import latent_shape
 from prep.cli import main
-from prep.export import npycheck, tarwriter
+from prep.export import tarwriter
 from prep.export import webdataset as wexp
 from prep.export.resume import sidecar_path
 from prep.export.webdataset import export_webdataset
@@ -139,7 +139,7 @@ def test_a_file_broken_after_the_readiness_check_is_skipped(tmp_path, monkeypatc
     monkeypatch.setattr(wexp, "readiness", then_break)
     s = _export(data, tmp_path / "out", num_workers=2)
     assert s.ready_records == 6 and s.written_samples == 4
-    assert s.skipped_at_write == {"t5 missing": 1, "vae invalid: wrong file size": 1}
+    assert s.skipped_at_write == {"t5 missing": 1, "vae invalid: truncated payload": 1}
 
 
 def _write(tmp_path, name: str, content: bytes) -> str:
@@ -148,20 +148,31 @@ def _write(tmp_path, name: str, content: bytes) -> str:
     return str(path)
 
 
+def header_status(path: str, shape, dtype) -> str | None:
+    """What readiness sees of a side file (its header and size, no data read)."""
+    try:
+        store.read_npy(path, shape, dtype, data=False)
+    except FileNotFoundError:
+        return "missing"
+    except store.BadArray as exc:
+        return str(exc)
+    return None
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
         (lambda a: _npy_bytes(a), None),
-        (lambda a: _npy_bytes(np.ascontiguousarray(a.transpose(0, 2, 1)), fortran=True), npycheck.FORTRAN),
-        (lambda a: _npy_bytes(a) + b"\x00" * 8, npycheck.WRONG_SIZE),
-        (lambda a: _npy_bytes(a)[:-2], npycheck.WRONG_SIZE),
-        (lambda a: _npy_bytes(a.astype(">f2")), npycheck.WRONG_DTYPE),
-        (lambda a: _npy_bytes(a.astype(np.float32)), npycheck.WRONG_DTYPE),
-        (lambda a: _npy_bytes(a[:, :4]), npycheck.WRONG_SHAPE),
-        (lambda a: _npy_bytes(np.where(a > 0, np.float16(np.nan), a)), npycheck.NON_FINITE),
-        (lambda a: b"\x93NUMPY\x01\x00" + b"\xff" * 300, npycheck.UNREADABLE),
-        (lambda a: b"not an npy file at all", npycheck.UNREADABLE),
-        (lambda a: b"", npycheck.UNREADABLE),
+        (lambda a: _npy_bytes(np.ascontiguousarray(a.transpose(0, 2, 1)), fortran=True), "Fortran-order array"),
+        (lambda a: _npy_bytes(a) + b"\x00" * 8, "trailing bytes after the array"),
+        (lambda a: _npy_bytes(a)[:-2], "truncated payload"),
+        (lambda a: _npy_bytes(a.astype(">f2")), "dtype >f2 != float16"),
+        (lambda a: _npy_bytes(a.astype(np.float32)), "dtype float32 != float16"),
+        (lambda a: _npy_bytes(a[:, :4]), "shape (16, 4, 8) != (16, 8, 8)"),
+        (lambda a: _npy_bytes(np.where(a > 0, np.float16(np.nan), a)), "non-finite values"),
+        (lambda a: b"\x93NUMPY\x01\x00" + b"\xff" * 300, "oversized .npy header"),
+        (lambda a: b"not an npy file at all", "not a .npy file"),
+        (lambda a: b"", "not a .npy file"),
     ],
     ids=["valid", "fortran", "trailing", "truncated", "big-endian", "float32", "shape", "nan", "bad-header",
          "not-npy", "empty"],
@@ -174,17 +185,16 @@ def test_side_file_checks(tmp_path, content, reason):
         assert why == "" and data == (tmp_path / "x.npy").read_bytes() and st is not None
     else:
         assert data is None and why == f"invalid: {reason}"
-    header = npycheck.header_status(path, VAE_64, F16)  # what readiness sees (no data read)
-    assert header == (None if reason in (None, npycheck.NON_FINITE) else reason)
+    assert header_status(path, VAE_64, F16) == (None if reason in (None, "non-finite values") else reason)
 
 
 def test_pickled_and_missing_files(tmp_path):
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     path = _write(tmp_path, "obj.npy", buf.getvalue())
-    assert tarwriter.read_side_file(path, (1,), F16)[1] == f"invalid: {npycheck.UNREADABLE}"
+    assert tarwriter.read_side_file(path, (1,), F16)[1] == "invalid: object array (pickle) refused"
     assert tarwriter.read_side_file(str(tmp_path / "none.npy"), VAE_64, F16) == (None, "missing", None)
-    assert npycheck.header_status(str(tmp_path / "none.npy"), VAE_64, F16) == "missing"
+    assert header_status(str(tmp_path / "none.npy"), VAE_64, F16) == "missing"
 
 
 def test_a_huge_claimed_shape_allocates_nothing(tmp_path):
@@ -194,15 +204,16 @@ def test_a_huge_claimed_shape_allocates_nothing(tmp_path):
     small = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\x00" * 3968
     huge_claim = _write(tmp_path, "huge.npy", small)
     right_header_but_padded = _write(tmp_path, "padded.npy", _npy_bytes(np.zeros(VAE_64, F16)) + bytes(50 << 20))
+    wrong_shape = "shape (16, 100000, 100000) != (16, 8, 8)"
     tracemalloc.start()
     try:
-        assert npycheck.header_status(huge_claim, VAE_64, F16) == npycheck.WRONG_SHAPE
-        assert tarwriter.read_side_file(huge_claim, VAE_64, F16)[1] == f"invalid: {npycheck.WRONG_SHAPE}"
+        assert header_status(huge_claim, VAE_64, F16) == wrong_shape
+        assert tarwriter.read_side_file(huge_claim, VAE_64, F16)[1] == f"invalid: {wrong_shape}"
         # expected to be that shape: the size (4 KB) gives it away, nothing sized by the claim
-        assert npycheck.header_status(huge_claim, (16, 100000, 100000), F16) == npycheck.WRONG_SIZE
-        assert tarwriter.read_side_file(huge_claim, (16, 100000, 100000), F16)[1] == f"invalid: {npycheck.WRONG_SIZE}"
+        assert header_status(huge_claim, (16, 100000, 100000), F16) == "truncated payload"
+        assert tarwriter.read_side_file(huge_claim, (16, 100000, 100000), F16)[1] == "invalid: truncated payload"
         # a 50 MB file is not read when no valid file of the expected shape can be that big
-        assert tarwriter.read_side_file(right_header_but_padded, VAE_64, F16)[1] == f"invalid: {npycheck.WRONG_SIZE}"
+        assert tarwriter.read_side_file(right_header_but_padded, VAE_64, F16)[1] == "invalid: wrong file size"
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

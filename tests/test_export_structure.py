@@ -42,7 +42,7 @@ def test_split_into_modules_without_the_old_indirections():
         for f in _functions(p)
         if "sha256" in f.name and "file" in f.name
     ]
-    assert helpers == ["provenance.py:sha256_file"], helpers
+    assert helpers == ["fsio.py:sha256_file"], helpers
 
 
 def test_readiness_returns_a_dataclass(tmp_path):

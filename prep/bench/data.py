@@ -12,8 +12,8 @@ valid side files (.npy) for a prefix of them.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -28,8 +28,7 @@ import re
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from prep import config
-from prep.buckets import latent_shape
+from prep import stages
 
 CARD_TAGS = ["webdataset", "flux", "text-to-image", "latents", "prep"]
 DEFAULT_CONFIG = "all"
@@ -114,34 +113,37 @@ def _json_feature(index: dict, json_types: dict | None):
     return Json()
 
 
-def _features(index: dict, vae_shape: tuple[int, ...] | None, json_types: dict | None):
-    from datasets import Array2D, Array3D, Features, List, Value
+def array_feature(artifact, bucket: str | None = None, *, lists: bool = False):
+    """The `datasets` feature of one artifact's member: a fixed-shape ArrayND (or a list for 1-D),
+    or nested lists when its shape follows the bucket and no single bucket is given (or `lists`:
+    what the webdataset builder infers by itself)."""
+    from datasets import Array2D, Array3D, Array4D, Array5D, List, Value
 
-    vae = (
-        Array3D(shape=tuple(vae_shape), dtype="float16")
-        if vae_shape
-        else List(List(List(Value("float16"))))  # several buckets: no fixed shape
-    )
-    return Features(
-        {
-            "json": _json_feature(index, json_types),
-            "dinov3.npy": List(Value("float32")),
-            "vae.npy": vae,
-            "t5h.npy": Array2D(shape=(config.T5_MAX_LENGTH, config.T5_HIDDEN_DIM), dtype="float16"),
-            "t5m.npy": List(Value("uint8")),
-            "__key__": Value("string"),
-            "__url__": Value("string"),
-        }
-    )
+    dtype = artifact.dtype.name
+    shape = artifact.shape_for({"aspect_bucket": bucket}) if bucket or not artifact.by_bucket else None
+    if shape is None or lists:
+        feature = Value(dtype)
+        for _ in artifact.shape_for({"aspect_bucket": "1024x1024"}):
+            feature = List(feature)
+        return feature
+    if len(shape) == 1:
+        return List(Value(dtype))
+    return {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}[len(shape)](shape=tuple(shape), dtype=dtype)
+
+
+def _features(index: dict, bucket: str | None, json_types: dict | None):
+    """Every member's feature: the json struct, then one per artifact of the table."""
+    from datasets import Features, Value
+
+    from prep import stages
+
+    arrays = {a.member: array_feature(a, bucket) for a in stages.artifacts().values()}
+    return Features({"json": _json_feature(index, json_types), **arrays, "__key__": Value("string"),
+                     "__url__": Value("string")})
 
 
 def _buckets(index: dict) -> list[str]:
     return sorted(b for b, e in (index.get("buckets") or {}).items() if e.get("samples"))
-
-
-def _vae_shape(bucket: str, entry: dict) -> tuple[int, ...]:
-    shape = entry.get("vae_shape")
-    return tuple(shape) if shape else latent_shape(bucket, config.VAE_LATENT_CHANNELS, config.VAE_DOWNSCALE)
 
 
 def card_data(index: dict, *, license: str = "other", title: str | None = None, json_types: dict | None = None):
@@ -151,7 +153,7 @@ def card_data(index: dict, *, license: str = "other", title: str | None = None, 
     from huggingface_hub import DatasetCardData
 
     buckets = _buckets(index)
-    json_types = json_types if json_types is not None else index.get("json_types")
+    json_types = json_types if json_types is not None else (index.get("json_field_types") or index.get("json_types"))
     configs, infos = [], {}
     if buckets:
         configs.append(
@@ -163,11 +165,10 @@ def card_data(index: dict, *, license: str = "other", title: str | None = None, 
         )
         infos[DEFAULT_CONFIG] = DatasetInfo(features=_features(index, None, json_types))
     for bucket in buckets:
-        entry = index["buckets"][bucket]
         configs.append(
             {"config_name": f"bucket_{bucket}", "data_files": [{"split": "train", "path": f"bucket_{bucket}/*.tar"}]}
         )
-        infos[f"bucket_{bucket}"] = DatasetInfo(features=_features(index, _vae_shape(bucket, entry), json_types))
+        infos[f"bucket_{bucket}"] = DatasetInfo(features=_features(index, bucket, json_types))
     data = DatasetCardData(
         license=license,
         pretty_name=title,
@@ -273,10 +274,7 @@ def render_card(
         "| member | content |",
         "|---|---|",
         "| `{id}.json` | " + ", ".join(f"`{f}`" for f in index.get("json_fields", [])) + " |",
-        f"| `{{id}}.dinov3.npy` | DINOv3 image embedding, float32 ({config.DINOV3_DIM},) |",
-        f"| `{{id}}.vae.npy` | Flux VAE latent, float16 ({config.VAE_LATENT_CHANNELS}, H/8, W/8) for bucket WxH |",
-        f"| `{{id}}.t5h.npy` | T5 encoder last hidden state, float16 ({config.T5_MAX_LENGTH}, {config.T5_HIDDEN_DIM}) |",
-        f"| `{{id}}.t5m.npy` | T5 attention mask, uint8 ({config.T5_MAX_LENGTH},) (1 = real token) |",
+        *(f"| `{{id}}.{a.member}` | {_cell(a.description)}, {a.dtype.name} |" for a in stages.artifacts().values()),
     ]
     table = ["| config | latent shape | samples | shards | bytes |", "|---|---|---|---|---|"]
     for bucket, entry in sorted(buckets.items()):

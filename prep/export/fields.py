@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from prep import store
-from prep.config import T5_MAX_LENGTH
 from prep.records import INLINE_DINOV3_FIELD, V2_FIELDS, is_safe_id
 
 JSON_FIELDS = ("image_id", "image_path", "caption", "height", "width", "aspect_bucket", "format_version")
@@ -242,19 +241,25 @@ def choose_layout(stats: FieldStats, *, image_path: str = "relative", roots: Seq
 
 
 # ------------------------------------------------------------------------ the mask
-_MASK_HEADER: bytes | None = None
+
+
+_NPY_HEADERS: dict[tuple, bytes] = {}
+
+
+def record_array_member(artifact, record: dict) -> bytes:
+    """An array made from a record field (the T5 mask) as a version 1.0 .npy, as numpy writes it."""
+    array = np.asarray(record[artifact.record_field], dtype=artifact.dtype)
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.zeros(array.shape, array.dtype), version=(1, 0), allow_pickle=False)
+        header = _NPY_HEADERS[key] = buf.getvalue()[: len(buf.getvalue()) - array.nbytes]
+    return header + array.tobytes()
 
 
 def mask_member(record: dict) -> bytes:
     """The T5 attention mask as a uint8 (77,) .npy (version 1.0), as numpy writes it."""
-    global _MASK_HEADER
-    mask = record["t5_attention_mask"]
-    if _MASK_HEADER is None:
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.zeros(T5_MAX_LENGTH, np.uint8), version=(1, 0), allow_pickle=False)
-        _MASK_HEADER = buf.getvalue()[:-T5_MAX_LENGTH]
-    if len(mask) != T5_MAX_LENGTH:
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.asarray(mask, dtype=np.uint8), version=(1, 0), allow_pickle=False)
-        return buf.getvalue()
-    return _MASK_HEADER + np.asarray(mask, dtype=np.uint8).tobytes()
+    from prep import stages
+
+    return record_array_member(stages.artifacts()["t5_mask"], record)

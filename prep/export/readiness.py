@@ -1,11 +1,11 @@
 """Which manifest records can be exported: a valid v2 record and three valid side files.
 
-One pass over the manifest's records, each checked once: `prep.records.validate_record`,
-then one read of each .npy header (shape, dtype, C order, file size exactly header +
-payload: prep/export/npycheck.py) and, unless `allow_stale`, the provenance of each artifact
-(stale: image or caption edited, bucket or model changed since, judged against the last
-run's models). A record with several problems counts under each reason. Records are
-checked in chunks, in worker processes when a pool is given.
+One pass over the manifest's records, each checked once by `store.readiness_reasons`: a
+valid v2 record, not filtered out, each side file's header (shape, dtype, C order, size
+exactly header + payload) and the file its record stamped, and, unless `allow_stale`, the
+provenance of each artifact (stale: image or caption edited, bucket or model changed since,
+judged against the last run's models). A record with several problems counts under each
+reason. Records are checked in chunks, in worker processes when a pool is given.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import numpy as np
 
 from prep import store
 from prep.export.fields import FieldStats
-from prep.export.npycheck import expected_shape, header_status, side_file
 from prep.export.workers import shared
 from prep.manifest import Manifest
-from prep.provenance import Expected, artifact_status, expected_from_metadata, is_stale
-from prep.records import validate_record
+from prep.provenance import Expected, expected_from_metadata
 
 CHUNK = 2000
 
@@ -63,23 +61,9 @@ class ChunkResult:
 
 
 def record_reasons(record: dict, ctx: ReadyContext) -> list[str]:
-    """Why `record` cannot be exported (empty list = ready); mirrors `store.readiness_reasons`."""
-    reasons = validate_record(record)
-    if "missing image_id" in reasons or "unsafe image_id" in reasons:
-        return reasons
-    no_bucket = "missing aspect_bucket" in reasons or "bad aspect_bucket" in reasons
-    for kind, spec in store.ARTIFACTS.items():
-        if kind == "vae" and no_bucket:
-            continue
-        path = side_file(ctx.base, kind, record["image_id"])
-        status = header_status(path, expected_shape(kind, record), spec.dtype)
-        if status == "missing":
-            reasons.append(f"{kind} missing")
-        elif status is not None:
-            reasons.append(f"{kind} invalid")
-        elif ctx.yardstick is not None and is_stale(artifact_status(kind, record, ctx.yardstick)):
-            reasons.append(f"{kind} stale")
-    return reasons
+    """Why `record` cannot be exported (empty list = ready): `store.readiness_reasons`, the one
+    judge that verify, `load_manifest(ready_only=True)` and the report also ask."""
+    return store.readiness_reasons(record, ctx.base, stale_against=ctx.yardstick)
 
 
 def check_chunk(ctx: ReadyContext, rows: list[int], records: list[dict] | int) -> ChunkResult:

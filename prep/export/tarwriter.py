@@ -9,8 +9,10 @@ complete (fsync); only then is its sidecar written. `process_shard` is what a wo
 process runs: it keeps a complete matching shard on resume, else writes it.
 
 Each side file is read once into memory and checked before its bytes go into the tar
-(prep/export/npycheck.py); a sample with a missing or invalid file (NaN/Inf values, wrong
-shape, dtype, size, Fortran order) is skipped and reported, never shipped. Whether a sample
+(`store.read_side_file`); a sample with a missing or invalid file (NaN/Inf values, wrong
+shape, dtype, size, Fortran order) is skipped and reported, never shipped. The members of a
+sample follow the artifact table (`prep.stages.artifacts()`): `{key}.json`, then one member
+per artifact, side files as their bytes and record fields (the T5 mask) as a small .npy. Whether a sample
 is skipped depends only on its files, so the output stays deterministic; the sidecar keeps
 the skipped keys and reasons, so a resumed export reports the same counts.
 """
@@ -27,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prep import store
-from prep.export import npycheck
-from prep.export.fields import JSON_FIELDS, JsonLayout, check_key, mask_member
-from prep.export.npycheck import all_finite, check_header, expected_shape, max_file_size, side_file
+from prep import stages, store
+from prep.export.fields import JSON_FIELDS, JsonLayout, check_key, record_array_member
 from prep.export.plan import shard_relpath
 from prep.export.resume import kept_shard, write_sidecar
 from prep.export.workers import shared
@@ -40,10 +40,12 @@ EXPORT_FORMAT = "prep-webdataset"
 EXPORT_FORMAT_VERSION = 1
 # In the resume fingerprint: shards written by an older writer (which checked less) are rewritten.
 WRITER_VERSION = 2
-# member suffix -> side-file kind in prep.store.ARTIFACTS (order = order in the tar)
-ARRAY_MEMBERS = {"dinov3.npy": "dinov3", "vae.npy": "vae", "t5h.npy": "t5"}
-MASK_MEMBER = "t5m.npy"
-MEMBERS = ("json", *ARRAY_MEMBERS, MASK_MEMBER)
+
+
+def members() -> tuple[str, ...]:
+    """The member suffixes of every sample, in tar order: json, then the artifact table's."""
+    return ("json", *(a.member for a in stages.artifacts().values()))
+
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this (like `tar -b20`)
@@ -221,52 +223,45 @@ def _stat_line(kind: str, st: os.stat_result | None) -> bytes:
     return f"{kind}:missing\n".encode() if st is None else f"{kind}:{st.st_size}:{st.st_mtime_ns}\n".encode()
 
 
-def read_side_file(
-    path: str, shape: tuple[int, ...], dtype: np.dtype
-) -> tuple[bytes | None, str, os.stat_result | None]:
-    """(the file's bytes, "", stat) when it is a valid side file, else (None, why, stat or None).
-
-    One read into memory; the size is checked against the largest valid file first, so
-    nothing is read (or allocated) for a file too big to be valid, whatever its header says.
-    """
+def read_side_file(path: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytes | None, str, os.stat_result | None]:
+    """(the file's bytes, "", stat) when it is a valid side file, else (None, why, stat or None)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.stat(path)
+        return store.read_side_file(path, shape, dtype), "", st
     except FileNotFoundError:
         return None, "missing", None
-    try:
-        st = os.fstat(fd)
-        if st.st_size > max_file_size(shape, dtype):
-            return None, f"invalid: {npycheck.WRONG_SIZE}", st
-        data = os.read(fd, st.st_size + 1)  # one read: +1 sees a file that grew since fstat
-    finally:
-        os.close(fd)
-    reason, offset = check_header(data, len(data), shape, dtype)
-    if reason is None and not all_finite(memoryview(data)[offset:], dtype):
-        reason = npycheck.NON_FINITE
-    return (None, f"invalid: {reason}", st) if reason else (data, "", st)
+    except store.BadArray as exc:
+        return None, f"invalid: {exc}", st
+    except OSError as exc:
+        return None, f"invalid: {type(exc).__name__}", None
+
+
+def _side_file(derived: str, artifact, key: str) -> str:
+    return f"{derived}{os.sep}{artifact.folder}{os.sep}{key}.npy"
 
 
 def sample_members(ctx: WriteContext, record: dict, fp) -> tuple[list[tuple[str, bytes]] | None, str]:
-    """(the five (name, bytes) members of one sample in tar order, "") or (None, why it is skipped).
+    """(the (name, bytes) members of one sample in tar order, "") or (None, why it is skipped).
 
-    A sample is skipped when one of its side files is missing or invalid (prep/export/npycheck.py:
+    A sample is skipped when one of its side files is missing or invalid (`store.read_side_file`:
     header, shape, dtype, size, finite values): "<kind> invalid: <reason>". What identifies
-    the sample's content (JSON, side-file sizes and mtimes, mask) goes to `fp` either way.
+    the sample's content (JSON, side-file sizes and mtimes, record arrays) goes to `fp` either way.
     """
     key = check_key(record.get("image_id"))
     data = ctx.layout.member(record)
     fp.update(data)
-    members, skip = [(f"{key}.json", data)], ""
-    for suffix, kind in ARRAY_MEMBERS.items():
-        spec = store.ARTIFACTS[kind]
-        payload, why, st = read_side_file(side_file(ctx.derived, kind, key), expected_shape(kind, record), spec.dtype)
-        fp.update(_stat_line(kind, st))
-        skip = skip or (f"{kind} {why}" if payload is None else "")
-        members.append((f"{key}.{suffix}", payload))
-    mask = mask_member(record)
-    fp.update(mask)
-    members.append((f"{key}.{MASK_MEMBER}", mask))
-    return (None, skip) if skip else (members, "")
+    out, skip = [(f"{key}.json", data)], ""
+    for kind, artifact in stages.artifacts().items():
+        if artifact.record_field is not None:
+            payload = record_array_member(artifact, record)
+            fp.update(payload)
+        else:
+            payload, why, st = read_side_file(_side_file(ctx.derived, artifact, key), artifact.shape_for(record),
+                                              artifact.dtype)
+            fp.update(_stat_line(kind, st))
+            skip = skip or (f"{kind} {why}" if payload is None else "")
+        out.append((f"{key}.{artifact.member}", payload))
+    return (None, skip) if skip else (out, "")
 
 
 def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
@@ -275,13 +270,15 @@ def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
     for record in records:
         key = check_key(record.get("image_id"))
         fp.update(ctx.layout.member(record))
-        for kind in ARRAY_MEMBERS.values():
+        for kind, artifact in stages.artifacts().items():
+            if artifact.record_field is not None:
+                fp.update(record_array_member(artifact, record))
+                continue
             try:
-                st = os.stat(side_file(ctx.derived, kind, key))
+                st = os.stat(_side_file(ctx.derived, artifact, key))
             except FileNotFoundError:
                 st = None
             fp.update(_stat_line(kind, st))
-        fp.update(mask_member(record))
     return fp.hexdigest()
 
 

@@ -16,7 +16,7 @@ uint8 (77,)). The key is the image_id (no dots by construction). What the JSON m
 prep/export/fields.py.
 
 The work is split in steps, one module each: readiness (readiness.py: which records can
-go, one read of each .npy header, npycheck.py), the plan (plan.py: shuffle, limit, group by
+go, one read of each .npy header, `store.readiness_reasons`), the plan (plan.py: shuffle, limit, group by
 bucket, chunk), the JSON layout (fields.py: image_path, user metadata), the shard writer
 (tarwriter.py: deterministic tars, atomic, every side file checked as it is copied), the
 resume state (resume.py) and the worker processes (workers.py). This module ties them
@@ -73,10 +73,10 @@ from prep.export.resume import (
 from prep.export.tarwriter import (
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
-    MEMBERS,
     ShardTask,
     WriteContext,
     check_shard,
+    members,
     process_shard,
 )
 from prep.export.workers import WorkerPool, default_workers
@@ -203,7 +203,7 @@ def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | 
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
         "prep_version": __version__,
-        "members": list(MEMBERS),
+        "members": list(members()),
         "json_fields": summary.json_fields,
         "json_field_types": dict(layout.types) if layout else {},
         "dropped_fields": summary.dropped_fields,
@@ -224,15 +224,15 @@ def hf_features(index: dict):
     user field is null in the first samples of the first tar (the builder infers its type
     from the first 5 samples and cannot cast a later value to the "null" type).
     """
-    from datasets import Features, List, Value
+    from datasets import Features, Value
+
+    from prep import stages
+    from prep.export.card import array_feature
 
     json_types = index.get("json_field_types") or dict.fromkeys(index.get("json_fields", []), "string")
     return Features({
         "json": {key: Value(dtype) for key, dtype in json_types.items()},
-        "dinov3.npy": List(Value("float32")),
-        "vae.npy": List(List(List(Value("float16")))),
-        "t5h.npy": List(List(Value("float16"))),
-        "t5m.npy": List(Value("uint8")),
+        **{a.member: array_feature(a, lists=True) for a in stages.artifacts().values()},
         "__key__": Value("string"),
         "__url__": Value("string"),
     })
@@ -463,7 +463,7 @@ def _finish(out: Path, plan, infos: list[dict], skips: _SkipLog, summary: Export
 
 def export_webdataset(
     input_jsonl: str | Path = config.DEFAULT_MANIFEST,
-    derived_dir: str | Path = config.DEFAULT_OUTPUT_BASE_DIR,
+    derived_dir: str | Path = config.DEFAULT_DERIVED_DIR,
     output_dir: str | Path = config.DEFAULT_SHARDS_DIR,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -475,7 +475,6 @@ def export_webdataset(
     resume: bool = False,
     dry_run: bool = False,
     progress_every: int = DEFAULT_PROGRESS_EVERY,
-    num_proc: int | None = None,
     verify_kept: bool = True,
     num_workers: int | None = None,
     progress_bar: bool | None = None,
@@ -489,8 +488,8 @@ def export_webdataset(
     already in `output_dir` and neither `overwrite` nor `resume`), ValueError (bad options).
     `progress_bar`: tqdm on stderr; None = only when stderr is a terminal. `num_workers`:
     processes that check readiness and write shards (1 = in this process; default: the CPUs,
-    at most 8, and none for an export of under 256 samples or 2000 records; `num_proc` is its
-    older name); the output does not depend on it.
+    at most 8, and none for an export of under 256 samples or 2000 records); the output does not
+    depend on it.
     `image_path`: "relative" (to the images root), "absolute" or "none" (prep/export/fields.py).
     `card_options` are passed to `prep.export.card.render_card`.
     """
@@ -501,7 +500,7 @@ def export_webdataset(
     _check_card_options(card_options)
     options = ExportOptions(shard_size, limit, shuffle, seed, normalise_buckets(buckets), allow_stale, image_path)
     manifest = read_manifest(input_jsonl)
-    workers = next((n for n in (num_workers, num_proc) if n is not None), None)
+    workers = num_workers
     with WorkerPool(workers or default_workers(), shared=manifest, auto=workers is None) as pool:
         plan, summary, layout = _plan_export(manifest, derived_dir, out, options, pool)
         ctx = WriteContext(str(out), str(derived_dir), layout, resume=resume, verify=verify_kept)

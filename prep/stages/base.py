@@ -44,9 +44,15 @@ class Artifact:
     shape: Callable[[dict], tuple[int, ...]]
     description: str
     record_field: str | None = None  # for arrays made from a record field
+    by_bucket: bool = False  # its shape follows the record's aspect bucket
+    collate_dtype: str | None = None  # torch dtype name a training batch gets, when not the stored one
 
     def shape_for(self, record: dict) -> tuple[int, ...]:
         return tuple(self.shape(record))
+
+    def fixed_shape(self) -> tuple[int, ...] | None:
+        """The shape of every array of this kind, or None when it follows the bucket."""
+        return None if self.by_bucket else self.shape_for({})
 
 
 @dataclass(frozen=True)

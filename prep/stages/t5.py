@@ -29,6 +29,7 @@ MASK = Artifact(
     shape=lambda record: (config.T5_MAX_LENGTH,),
     description="T5 attention mask of the caption (1 = real token), (77,)",
     record_field="t5_attention_mask",
+    collate_dtype="bool",
 )
 
 

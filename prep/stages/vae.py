@@ -26,6 +26,7 @@ ARTIFACT = Artifact(
     dtype=np.dtype(np.float16),
     shape=lambda record: latent_shape(record["aspect_bucket"], config.VAE_LATENT_CHANNELS, config.VAE_DOWNSCALE),
     description="Flux VAE latent (normalised posterior mean) of the bucket crop, (16, H/8, W/8)",
+    by_bucket=True,
 )
 
 
