@@ -282,7 +282,7 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
             if i % 10_000 == 0:
                 image.parent.mkdir(parents=True, exist_ok=True)
             link(src_image, image)
-            for kind, folder in folders.items():
+            for folder in folders.values():
                 link(seed_dir / "derived" / folder / f"{template['image_id']}.npy",
                      paths["derived"] / folder / f"{image_id}.npy")
             record = dict(template, image_id=image_id, image_path=str(image))
