@@ -35,9 +35,9 @@ MANIFEST_SCHEMA = pa.schema(
 _CHUNK = 50_000
 
 
-def array_columns() -> dict[str, str]:
-    """{column: artifact kind} of the side files (from the artifact table): dinov3, vae, t5_hidden, ..."""
-    return {artifact.column: kind for kind, artifact in store.file_artifacts().items()}
+def array_columns(derived_dir: str | Path) -> dict[str, str]:
+    """{column: artifact kind} of the dataset's side files (from the artifact table): dinov3, vae, t5_hidden, ..."""
+    return {artifact.column: kind for kind, artifact in store.dataset_artifacts(derived_dir).items()}
 
 
 class ArrayLoader:
@@ -51,13 +51,14 @@ class ArrayLoader:
 
     def __init__(self, derived_dir: str | Path):
         self.derived_dir = str(derived_dir)
+        self.columns = array_columns(derived_dir)
 
     def __call__(self, batch: dict) -> dict:
         if len(batch) <= 1 or "image_id" not in batch:
             return batch
         out = dict(batch)
         buckets = batch.get("aspect_bucket") or [None] * len(batch["image_id"])
-        for column, kind in array_columns().items():
+        for column, kind in self.columns.items():
             out[column] = [self.load(kind, i, b) for i, b in zip(batch["image_id"], buckets, strict=True)]
         return out
 

@@ -326,9 +326,11 @@ class RunOptions(Logging, Parallel, DatasetPaths):
         return names if self.pass_ == "all" else (self.pass_,)
 
     def selected_stages(self) -> list:
+        """The stages this run runs: `--pass` names one (even an optional one), `all` the enabled ones."""
         from prep import stages
 
-        return [stages.STAGES[name] for name in self.selected_passes() if name in stages.STAGES]
+        chosen = [stages.STAGES[name] for name in self.selected_passes() if name in stages.STAGES]
+        return chosen if self.pass_ != "all" else [stage for stage in chosen if stage.enabled(self)]
 
 
 def pass_choices() -> tuple[str, ...]:

@@ -106,11 +106,12 @@ def resolve_models(opts: RunOptions) -> dict[str, ResolvedModel]:
     """Check the model flag of every selected stage and pin its revision (before any pass runs)."""
     resolved = {}
     for stage in opts.selected_stages():
-        if stage.model is None:
+        owner = stage.model_from or stage.name
+        if stages.model_spec(stage) is None:
             continue
-        choice = opts.models[stage.name]
+        choice = opts.models[owner]
         resolved[stage.name] = resolve_model(
-            f"--{stage.name}-model", choice.source, revision=choice.revision, subfolder=choice.subfolder
+            f"--{owner}-model", choice.source, revision=choice.revision, subfolder=choice.subfolder
         )
     return resolved
 
@@ -168,7 +169,7 @@ def start_over(opts: RunOptions) -> None:
         logger.info("--no-resume: previous manifest kept as %s", backup)
     cache_file(target).unlink(missing_ok=True)
     journal.clear(opts.manifest)
-    for kind in stages.file_artifacts():
+    for kind in stages.file_artifacts(stages.ALL):
         shutil.rmtree(store.artifact_dir(opts.derived_dir, kind), ignore_errors=True)
 
 
@@ -222,7 +223,7 @@ def stage_config(stage, opts: RunOptions, model: ResolvedModel | None, dtype: st
     fields: dict = {}
     if model is not None:
         fields = {"model_id": model.source, "revision": model.revision, "dtype": dtype}
-        if stage.model.subfolder is not None:
+        if stages.model_spec(stage).subfolder is not None:
             fields["subfolder"] = model.subfolder
     fields.update(stage.settings(opts))
     return fields
@@ -306,7 +307,12 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
     updates = _gather(state, metadata_updates)
     state.wait_for_everyone()
     if state.is_main_process:
+        if stage.optional:
+            updates.append({"optional_stages": sorted(store.active_stages(opts.derived_dir) | {stage.name})})
         record_models_used(opts, updates)
+        finished = stage.finish(opts=opts, model=model, device=device, config=yard.expected.get(stage.name))
+        if finished:
+            store.update_metadata(opts.derived_dir, finished)
         journal.merge_into_manifest(opts.manifest)
         journal.clear(opts.manifest)
     state.wait_for_everyone()

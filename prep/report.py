@@ -279,7 +279,7 @@ class DatasetStats:
     rejected_now: int = 0  # lines the manifest reader sets aside today
     rejected_saved: int = 0  # lines earlier rewrites moved to <manifest>.rejected.jsonl
     rejected_examples: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), first few
-    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.file_artifacts()})
+    artifacts: dict[str, Counter] = field(default_factory=lambda: {kind: Counter() for kind in store.file_artifacts(frozenset())})
     buckets: Counter = field(default_factory=Counter)
     megapixels: list[float] = field(default_factory=list)
     caption_words: list[int] = field(default_factory=list)
@@ -360,12 +360,12 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
                         stats.ready_but_invalid += 1
                 for kind, status in statuses.items():
                     label = "valid" if status == store.VALID else "missing" if status == store.MISSING else "invalid"
-                    stats.artifacts[kind][label] += 1
+                    stats.artifacts.setdefault(kind, Counter())[label] += 1
                 for kind, origin in origins.items():
                     if origin == provenance.UNKNOWN:
-                        stats.artifacts[kind]["unknown"] += 1
+                        stats.artifacts.setdefault(kind, Counter())["unknown"] += 1
                     elif provenance.is_stale(origin):
-                        stats.artifacts[kind]["stale"] += 1
+                        stats.artifacts.setdefault(kind, Counter())["stale"] += 1
                 _distributions(record, stats, captions)
             bar.update(len(chunk))
     bar.close()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from prep import __version__
 from prep.config import T5_MAX_LENGTH
-from prep.store import file_artifacts
 
 CHART_SIZE = (6.0, 3.3)  # inches; saved at CHART_DPI
 CHART_DPI = 130
@@ -249,8 +248,7 @@ def _rejected_list(stats) -> str:
 
 def _verify_table(stats) -> str:
     rows = []
-    for kind in file_artifacts():
-        counts = stats.artifacts[kind]
+    for kind, counts in stats.artifacts.items():
         cells = "".join(
             f'<td class="num{" bad" if name in BAD_STATES and counts[name] else ""}">{counts[name]}</td>'
             for name in VERIFY_STATES

@@ -43,7 +43,7 @@ def array_fields() -> dict[str, tuple[tuple[str, ...], torch.dtype]]:
     from prep import stages
 
     fields = {}
-    for artifact in stages.artifacts().values():
+    for artifact in stages.artifacts(stages.ALL).values():
         names = (artifact.column, artifact.member, *((artifact.record_field,) if artifact.record_field else ()))
         fields[artifact.column] = (names, getattr(torch, artifact.collate_dtype or artifact.dtype.name))
     return fields
@@ -243,7 +243,12 @@ def collate(rows: list[dict]) -> dict:
     if not rows:
         raise ValueError("collate got an empty batch")
     batch: dict[str, Any] = {}
+    from prep import stages
+
+    optional = {a.column for a in stages.artifacts(stages.ALL).values()} - {a.column for a in stages.artifacts().values()}
     for out, (names, dtype) in array_fields().items():
+        if out in optional and not all(any(row.get(n) is not None for n in names) for row in rows):
+            continue  # an optional artifact (a mirrored crop's latent) the rows do not carry
         arrays = []
         for row in rows:
             value = _field(row, names, out, f"row {_row_id(row)!r}")

@@ -55,14 +55,18 @@ METADATA_FILE = "prep_metadata.json"  # the derived dir's metadata (prep.store.M
 
 
 def sample_members() -> dict[str, str]:
-    """{member suffix: sample key} of the array members, from the artifact table (`prep.stages`)."""
+    """{member suffix: sample key} of the array members, from the artifact table (`prep.stages`),
+    optional ones (a mirrored crop's latent) included: a sample carries them when its export does."""
     from prep import stages
 
-    return {artifact.member: artifact.column for artifact in stages.artifacts().values()}
+    return {artifact.member: artifact.column for artifact in stages.artifacts(stages.ALL).values()}
 
 
 def required_members() -> tuple[str, ...]:
-    return ("json", *sample_members())
+    """The members every sample has: json and the artifacts of the non-optional stages."""
+    from prep import stages
+
+    return ("json", *(artifact.member for artifact in stages.artifacts().values()))
 
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a 2048x2048 latent is 2 MiB; the T5 state 154 KiB
 DEFAULT_SHUFFLE_BUFFER = 256
@@ -392,7 +396,8 @@ def _finish_sample(key: str, members: dict, url: str) -> dict:
     missing = [m for m in required_members() if m not in members]
     if missing:
         raise ShardError(f"sample {key!r} in {url} lacks member(s) {', '.join(missing)}")
-    return {"key": key, "json": members["json"], **{name: members[m] for m, name in sample_members().items()}}
+    return {"key": key, "json": members["json"],
+            **{name: members[m] for m, name in sample_members().items() if m in members}}
 
 
 def iter_tar_samples(
@@ -480,7 +485,8 @@ def decode_sample(sample: dict) -> dict:
         raise ShardError(f"{where} lacks member(s) {', '.join(missing)}")
     out: dict[str, Any] = {"key": key, "json": _decode_json(sample["json"], f"{where} member json")}
     for member, name in sample_members().items():
-        out[name] = decode_npy(sample[member], f"{where} member {member}")
+        if member in sample:
+            out[name] = decode_npy(sample[member], f"{where} member {member}")
     return out
 
 
@@ -488,7 +494,8 @@ def collate(samples: list[dict]) -> dict:
     """Stack a list of decoded samples of one bucket: arrays get a leading batch axis (numpy)."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "json": [s["json"] for s in samples]}
     for name in sample_members().values():
-        batch[name] = np.stack([s[name] for s in samples])
+        if all(name in s for s in samples):
+            batch[name] = np.stack([s[name] for s in samples])
     return batch
 
 

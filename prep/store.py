@@ -48,11 +48,23 @@ class BadArray(ValueError):
 
 
 # --------------------------------------------------------------------------- the table
-def file_artifacts() -> dict:
-    """{kind: Artifact} of the side files, from the stage registry."""
+def file_artifacts(active=None) -> dict:
+    """{kind: Artifact} of the side files, from the stage registry (optional stages: see `active_stages`)."""
     from prep import stages
 
-    return stages.file_artifacts()
+    return stages.file_artifacts(stages.ALL if active is None else active)
+
+
+def active_stages(base: str | Path) -> frozenset[str]:
+    """The optional stages a dataset ran (`prep_metadata.json` "optional_stages"): their artifacts
+    belong to it (a flipped latent per record, once `--flip-latents` ran)."""
+    names = read_metadata(base).get("optional_stages")
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
+
+
+def dataset_artifacts(base: str | Path) -> dict:
+    """{kind: Artifact} of the side files this dataset has (optional ones only when it ran them)."""
+    return file_artifacts(active_stages(base))
 
 
 def artifact_spec(kind: str):
@@ -63,7 +75,7 @@ def expected_shape(kind: str, record: dict) -> tuple[int, ...]:
     """The shape a valid artifact of `kind` has for `record` (the VAE's depends on its bucket)."""
     from prep import stages
 
-    return stages.artifacts()[kind].shape_for(record)
+    return stages.artifacts(stages.ALL)[kind].shape_for(record)
 
 
 def artifact_dir(base: str | Path, kind: str) -> Path:
@@ -79,7 +91,7 @@ def artifact_path(base: str | Path, kind: str, image_id: Any) -> Path:
 
 def ensure_dirs(base: str | Path) -> None:
     """Create the artifact folders (and the base)."""
-    for kind in file_artifacts():
+    for kind in dataset_artifacts(base):
         artifact_dir(base, kind).mkdir(parents=True, exist_ok=True)
 
 
@@ -392,7 +404,7 @@ def readiness_reasons(
     from prep import stages
 
     no_bucket = "missing aspect_bucket" in reasons or "bad aspect_bucket" in reasons
-    for stage in stages.artifact_stages():
+    for stage in stages.artifact_stages(active_stages(base)):
         kind = stage.name
         if stage.by_bucket and no_bucket:
             continue  # the array's shape follows the bucket: only the record reason is given

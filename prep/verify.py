@@ -35,9 +35,7 @@ class VerifyReport:
     records: int = 0
     rejected_lines: int = 0
     filtered: Counter = field(default_factory=Counter)
-    artifacts: dict[str, Counter] = field(
-        default_factory=lambda: {kind: Counter() for kind in stages.file_artifacts()}
-    )
+    artifacts: dict[str, Counter] = field(default_factory=dict)  # kind -> Counter of states
     record_problems: Counter = field(default_factory=Counter)
     problems: list[dict] = field(default_factory=list)
     redo: dict[str, list[str]] = field(default_factory=dict)
@@ -66,12 +64,14 @@ class VerifyReport:
 
 
 def check_record(
-    record: dict, base: Path, expected: provenance.Expected | None = None
+    record: dict, base: Path, expected: provenance.Expected | None = None, active: frozenset[str] | None = None
 ) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(record-level reasons, {kind: file status}, {kind: provenance status of valid files})."""
+    from prep.store import active_stages
+
     reasons = list(validate_record(record))
     statuses, origins = {}, {}
-    for stage in stages.artifact_stages():
+    for stage in stages.artifact_stages(active_stages(base) if active is None else active):
         kind = stage.name
         if ARTIFACT_BLOCKERS & set(reasons) or (stage.by_bucket and not isinstance(record.get("aspect_bucket"), str)):
             statuses[kind] = "invalid: record has no usable image_id / aspect_bucket"
@@ -131,15 +131,19 @@ def _lock(path: Path):
 
 
 def _verify(path, base, workers, expected, adopt_with, write_redo_list, progress) -> VerifyReport:
+    from prep.store import active_stages
+
     manifest = read_manifest(path)
+    active = active_stages(base)
     report = VerifyReport(records=len(manifest), rejected_lines=len(manifest.rejected))
+    report.artifacts = {kind: Counter() for kind in stages.file_artifacts(active)}
     for item in manifest.rejected:
         report.note({"line": item.lineno, "kind": "manifest", "reason": item.reason})
     changed: dict[int, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = range(len(manifest))
         results = pool.map(lambda row: (row, manifest.record(row)), rows)
-        checked = pool.map(lambda item: (*item, *check_record(item[1], base, expected)), results)
+        checked = pool.map(lambda item: (*item, *check_record(item[1], base, expected, active)), results)
         for row, record, reasons, statuses, origins in progress(checked, total=len(manifest), desc="verify", unit="rec"):
             if isinstance(record.get("filtered"), dict):
                 report.filtered[str(record["filtered"].get("reason"))] += 1

@@ -131,13 +131,20 @@ def array_feature(artifact, bucket: str | None = None, *, lists: bool = False):
     return {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}[len(shape)](shape=tuple(shape), dtype=dtype)
 
 
+def exported_artifacts(index: dict) -> list:
+    """The artifacts whose members an export holds (index.json "members"; the table's non-optional
+    ones when it does not say)."""
+    names = index.get("members")
+    table = stages.artifacts(stages.ALL) if isinstance(names, list) else stages.artifacts()
+    return [a for a in table.values() if not isinstance(names, list) or a.member in names]
+
+
 def _features(index: dict, bucket: str | None, json_types: dict | None):
     """Every member's feature: the json struct, then one per artifact of the table."""
     from datasets import Features, Value
 
-    from prep import stages
 
-    arrays = {a.member: array_feature(a, bucket) for a in stages.artifacts().values()}
+    arrays = {a.member: array_feature(a, bucket) for a in exported_artifacts(index)}
     return Features({"json": _json_feature(index, json_types), **arrays, "__key__": Value("string"),
                      "__url__": Value("string")})
 
@@ -235,6 +242,21 @@ def _models_section(metadata: dict) -> list[str]:
     return lines
 
 
+def _uncond_section(index: dict) -> list[str]:
+    entry = index.get("uncond")
+    if not isinstance(entry, dict) or not entry.get("path"):
+        return []
+    return [
+        "## Caption dropout (classifier-free guidance)",
+        "",
+        f"`{_cell(entry['path'])}` holds the T5 state of the empty caption (`t5_hidden` (77, 1024) float16 and "
+        "`t5_mask` (77,) uint8, from the same T5 as the samples): replace a sample's `t5h.npy` / `t5m.npy` with "
+        "it for the fraction of the batch you drop the caption of (often 10%). "
+        '`prep.load_uncond("<this repo or folder>")` reads it.',
+        "",
+    ]
+
+
 def _licence_section(license: str) -> list[str]:
     return [
         f"The card's licence (`{_cell(license)}`) covers this packaging. The arrays and captions are outputs "
@@ -274,7 +296,7 @@ def render_card(
         "| member | content |",
         "|---|---|",
         "| `{id}.json` | " + ", ".join(f"`{f}`" for f in index.get("json_fields", [])) + " |",
-        *(f"| `{{id}}.{a.member}` | {_cell(a.description)}, {a.dtype.name} |" for a in stages.artifacts().values()),
+        *(f"| `{{id}}.{a.member}` | {_cell(a.description)}, {a.dtype.name} |" for a in exported_artifacts(index)),
     ]
     table = ["| config | latent shape | samples | shards | bytes |", "|---|---|---|---|---|"]
     for bucket, entry in sorted(buckets.items()):
@@ -339,6 +361,7 @@ def render_card(
             "",
         ]
     parts += [
+        *_uncond_section(index),
         "## Latent convention",
         "",
         *_latent_section(metadata),

@@ -42,9 +42,15 @@ EXPORT_FORMAT_VERSION = 1
 WRITER_VERSION = 2
 
 
-def members() -> tuple[str, ...]:
-    """The member suffixes of every sample, in tar order: json, then the artifact table's."""
-    return ("json", *(a.member for a in stages.artifacts().values()))
+def members(derived: str | Path) -> tuple[str, ...]:
+    """The member suffixes of every sample, in tar order: json, then the dataset's artifacts'."""
+    return ("json", *(a.member for a in dataset_table(str(derived)).values()))
+
+
+@functools.lru_cache(maxsize=8)
+def dataset_table(derived: str) -> dict:
+    """The artifact table of this dataset (optional stages only when it ran them)."""
+    return stages.artifacts(store.active_stages(derived))
 
 
 BLOCK = 512
@@ -251,7 +257,7 @@ def sample_members(ctx: WriteContext, record: dict, fp) -> tuple[list[tuple[str,
     data = ctx.layout.member(record)
     fp.update(data)
     out, skip = [(f"{key}.json", data)], ""
-    for kind, artifact in stages.artifacts().items():
+    for kind, artifact in dataset_table(ctx.derived).items():
         if artifact.record_field is not None:
             payload = record_array_member(artifact, record)
             fp.update(payload)
@@ -270,7 +276,7 @@ def planned_fingerprint(ctx: WriteContext, records: list[dict]) -> str:
     for record in records:
         key = check_key(record.get("image_id"))
         fp.update(ctx.layout.member(record))
-        for kind, artifact in stages.artifacts().items():
+        for kind, artifact in dataset_table(ctx.derived).items():
             if artifact.record_field is not None:
                 fp.update(record_array_member(artifact, record))
                 continue

@@ -188,7 +188,8 @@ class _SkipLog:
         return dict(sorted(self.counts.items()))
 
 
-def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | None = None) -> dict:
+def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | None = None,
+                derived_dir: str | Path = "") -> dict:
     """index.json: format, members, JSON fields, options, per-bucket counts and every shard (with a file)."""
     infos = [info for info in infos if info["samples"]]  # a shard whose samples were all skipped has no file
     buckets: dict[str, dict] = {}
@@ -203,7 +204,7 @@ def build_index(infos: list[dict], summary: ExportSummary, layout: JsonLayout | 
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
         "prep_version": __version__,
-        "members": list(members()),
+        "members": list(members(derived_dir)),
         "json_fields": summary.json_fields,
         "json_field_types": dict(layout.types) if layout else {},
         "dropped_fields": summary.dropped_fields,
@@ -226,13 +227,12 @@ def hf_features(index: dict):
     """
     from datasets import Features, Value
 
-    from prep import stages
-    from prep.export.card import array_feature
+    from prep.export.card import array_feature, exported_artifacts
 
     json_types = index.get("json_field_types") or dict.fromkeys(index.get("json_fields", []), "string")
     return Features({
         "json": {key: Value(dtype) for key, dtype in json_types.items()},
-        **{a.member: array_feature(a, lists=True) for a in stages.artifacts().values()},
+        **{a.member: array_feature(a, lists=True) for a in exported_artifacts(index)},
         "__key__": Value("string"),
         "__url__": Value("string"),
     })
@@ -439,6 +439,27 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def copy_uncond(derived_dir: Path, out: Path) -> dict | None:
+    """The empty caption's T5 state (classifier-free guidance), copied to the export root when the
+    run made one and its file is intact; returns index.json's `uncond` entry."""
+    from prep.provenance import bytes_sha256
+
+    entry = store.read_metadata(derived_dir).get("uncond")
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or "/" in entry["path"]:
+        return None
+    try:
+        data = (Path(derived_dir) / entry["path"]).read_bytes()
+    except OSError:
+        return None
+    if bytes_sha256(data) != entry.get("sha256"):
+        logger.warning("%s does not match its recorded sha256: not exported (rerun `prep run` to remake it)",
+                       entry["path"])
+        return None
+    with atomic_open(out / entry["path"], "wb") as f:
+        f.write(data)
+    return {"path": entry["path"], "sha256": entry["sha256"], "caption": entry.get("caption", "")}
+
+
 def _finish(out: Path, plan, infos: list[dict], skips: _SkipLog, summary: ExportSummary, layout: JsonLayout,
             derived_dir: Path, card_options: dict) -> None:
     """Remove stale shards, write the card, stats.json and, last, index.json (the export is complete)."""
@@ -450,7 +471,10 @@ def _finish(out: Path, plan, infos: list[dict], skips: _SkipLog, summary: Export
     # planned shards left with no sample have no file (the writer removed any) but keep their sidecar
     summary.removed_stale_shards = remove_export(out, keep={s.relpath for s in plan})
     summary.skipped_at_write = skips.result()
-    index = build_index(infos, summary, layout)
+    index = build_index(infos, summary, layout, derived_dir)
+    uncond = copy_uncond(derived_dir, out)
+    if uncond:
+        index["uncond"] = uncond
     summary.buckets = {b: {k: e[k] for k in ("samples", "shards", "bytes")} for b, e in index["buckets"].items()}
     summary.written_samples = index["samples"]
     summary.written_shards = len(index["shards"])

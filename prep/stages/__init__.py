@@ -12,11 +12,11 @@ from prep.stages.caption import CaptionStage
 from prep.stages.dinov3 import DINOv3Stage
 from prep.stages.t5 import MASK as T5_MASK
 from prep.stages.t5 import T5Stage
-from prep.stages.vae import VAEStage
+from prep.stages.vae import VAEFlipStage, VAEStage
 
 __all__ = [
-    "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ModelSpec", "Output", "Stage",
-    "artifact_stages", "artifacts", "file_artifacts", "get", "register", "unregister",
+    "ALL", "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ModelSpec", "Output", "Stage",
+    "artifact_stages", "artifacts", "file_artifacts", "get", "model_spec", "register", "unregister",
 ]  # fmt: skip
 
 STAGES: dict[str, Stage] = {}
@@ -48,23 +48,38 @@ def get(name: str) -> Stage:
     return STAGES[name]
 
 
-def artifact_stages() -> list[Stage]:
-    """Stages that write a side file, in run order."""
-    return [stage for stage in STAGES.values() if stage.artifact is not None]
+ALL = "all"  # `active=ALL`: every registered stage, optional ones included
 
 
-def file_artifacts() -> dict[str, Artifact]:
+def _active(stage: Stage, active) -> bool:
+    """A stage's artifacts belong to a dataset unless the stage is optional and the dataset never ran it."""
+    return not stage.optional or active == ALL or (active is not None and stage.name in active)
+
+
+def artifact_stages(active=None) -> list[Stage]:
+    """Stages that write a side file, in run order (optional ones only when named in `active`)."""
+    return [stage for stage in STAGES.values() if stage.artifact is not None and _active(stage, active)]
+
+
+def file_artifacts(active=None) -> dict[str, Artifact]:
     """{kind: artifact} of the side files (dinov3/, vae_latents/, t5_hidden/, ...)."""
-    return {stage.artifact.kind: stage.artifact for stage in artifact_stages()}
+    return {stage.artifact.kind: stage.artifact for stage in artifact_stages(active)}
 
 
-def artifacts() -> dict[str, Artifact]:
-    """The whole artifact table: side files, then arrays built from record fields (the T5 mask)."""
-    table = file_artifacts()
+def artifacts(active=None) -> dict[str, Artifact]:
+    """The whole artifact table: side files, then arrays built from record fields (the T5 mask).
+
+    `active`: the optional stages a dataset ran (`prep_metadata.json` "optional_stages"), or ALL."""
+    table = file_artifacts(active)
     for kind, (owner, artifact) in _RECORD_ARTIFACTS.items():
-        if owner in STAGES:
+        if owner in STAGES and _active(STAGES[owner], active):
             table[kind] = artifact
     return table
+
+
+def model_spec(stage: Stage) -> ModelSpec | None:
+    """The model flag a stage loads from: its own, or the one of the stage it shares a model with."""
+    return STAGES[stage.model_from].model if stage.model_from else stage.model
 
 
 # Run order: the image stages first (they share decoded images), then the text stage, which
@@ -72,4 +87,5 @@ def artifacts() -> dict[str, Artifact]:
 register(CaptionStage())
 register(DINOv3Stage())
 register(VAEStage())
+register(VAEFlipStage())
 register(T5Stage(), record_artifacts=(T5_MASK,))

@@ -108,11 +108,17 @@ class Stage:
     options: ClassVar[type | None] = None  # a dataclass of this stage's own flags
     by_bucket: ClassVar[bool] = False  # batches must share a bucket (the array shape follows it)
     fields_column: ClassVar[str | None] = None  # manifest column, True when the record fields it writes are valid
+    optional: ClassVar[bool] = False  # runs only when asked (`enabled`); a dataset has its artifact once it did
+    model_from: ClassVar[str | None] = None  # the stage whose model flag this one uses (None: its own `model`)
     description: ClassVar[str] = ""
 
     def settings(self, opts) -> dict:
         """Provenance fields of this stage's configuration besides model, revision and dtype."""
         return {}
+
+    def enabled(self, opts) -> bool:
+        """Whether a run with `opts` runs this stage (an optional stage says which flag turns it on)."""
+        return not self.optional
 
     def batch_size(self, opts, device) -> int:
         """Items per batch: --batch-size, else 8 on a GPU and 1 on a CPU (batching the VAE is slower there)."""
@@ -129,6 +135,11 @@ class Stage:
 
     def encode(self, encoder: Encoder, items: list[Any]) -> list[Output]:
         raise NotImplementedError
+
+    def finish(self, *, opts, model, device, config: dict) -> dict:
+        """Dataset-level outputs after the pass, on the main rank (T5: the empty caption's state);
+        returns prep_metadata.json updates. `config` is what this run expects of the stage."""
+        return {}
 
     def stage_options(self, opts):
         """This stage's options object from the run options (its dataclass defaults if absent)."""

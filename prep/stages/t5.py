@@ -121,6 +121,18 @@ class T5Stage(Stage):
     def load(self, model, *, device, dtype: str, opts) -> T5Encoder:
         return T5Encoder.load(model.source, device=device, dtype=dtype, revision=model.load_revision)
 
+    def finish(self, *, opts, model, device, config: dict) -> dict:
+        """After the pass (main rank): the empty caption's T5 state, made again when T5 changed."""
+        from prep.store import read_metadata
+
+        if uncond_is_current(read_metadata(opts.derived_dir).get("uncond"), opts.derived_dir, config):
+            return {}
+        encoder = self.load(model, device=device, dtype=opts.dtype, opts=opts)
+        try:
+            return {"uncond": write_uncond(encoder, opts.derived_dir, {**config, "dtype": str(encoder.dtype)})}
+        finally:
+            encoder.unload()
+
     def encode(self, encoder: T5Encoder, items: list[str]) -> list[Output]:
         arrays, masks, finite = encoder.encode(items)
         return [
@@ -131,3 +143,45 @@ class T5Stage(Stage):
             )
             for array, mask, ok in zip(arrays, masks, finite, strict=True)
         ]
+
+
+# ------------------------------------------------------------------ the unconditional state
+UNCOND_FILE = "t5_uncond.safetensors"
+
+
+def uncond_is_current(entry: dict | None, derived_dir, config: dict) -> bool:
+    """Whether prep_metadata.json's `uncond` entry was made by this T5 configuration and its file is intact."""
+    from pathlib import Path
+
+    from prep.provenance import bytes_sha256, config_stale_reason
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        return False
+    if config_stale_reason(entry["config"], config) is not None:
+        return False
+    path = Path(derived_dir) / UNCOND_FILE
+    try:
+        return bytes_sha256(path.read_bytes()) == entry.get("sha256")
+    except OSError:
+        return False
+
+
+def write_uncond(encoder: T5Encoder, derived_dir, config: dict) -> dict:
+    """The T5 state of the empty caption (classifier-free guidance), saved beside the side files.
+
+    Returns the prep_metadata.json entry: the file, its sha256, the caption ("") and the
+    configuration that made it (it goes stale, and is made again, when T5 changes).
+    """
+    from pathlib import Path
+
+    from safetensors.numpy import save
+
+    from prep.fsio import atomic_write_bytes
+    from prep.provenance import bytes_sha256
+
+    hidden, masks, finite = encoder.encode([""])
+    if not finite[0]:
+        raise ValueError("the T5 state of the empty caption is not finite")
+    data = save({"t5_hidden": np.ascontiguousarray(hidden[0]), "t5_mask": np.asarray(masks[0], dtype=np.uint8)})
+    atomic_write_bytes(Path(derived_dir) / UNCOND_FILE, data)
+    return {"path": UNCOND_FILE, "sha256": bytes_sha256(data), "caption": "", "config": config}

@@ -8,11 +8,13 @@ disagree on what a cached latent means and apply the transform twice when nobody
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
 from prep import config
 from prep.buckets import latent_shape, parse_bucket
+from prep.options import opt
 from prep.stages.base import IMAGE, Artifact, Encoder, ModelSpec, Output, Stage, to_eval
 
 LATENT_KIND = "posterior_mean"
@@ -132,3 +134,56 @@ class VAEStage(Stage):
             )
             for array, (_, box), ok in zip(arrays, items, finite, strict=True)
         ]
+
+
+# ------------------------------------------------------------------ latents of mirrored crops
+FLIP_ARTIFACT = Artifact(
+    kind="vae_flip",
+    folder="vae_latents_flip",
+    member="vae_flip.npy",
+    column="vae_flip",
+    dtype=np.dtype(np.float16),
+    shape=ARTIFACT.shape,
+    description="Flux VAE latent of the horizontally mirrored bucket crop (flip augmentation), (16, H/8, W/8)",
+    by_bucket=True,
+)
+
+
+@dataclass
+class FlipOptions:
+    flip_latents: bool = opt(
+        False,
+        "also store the latent of the horizontally mirrored crop (vae_latents_flip/, exported as {key}.vae_flip.npy) "
+        "for flip augmentation without the VAE at training time; doubles the VAE cost",
+        group="what to do",
+    )
+
+
+def mirrored_bucket_crop(path: str, *, width: int, height: int):
+    """The VAE's bucket crop, mirrored left to right (the crop box is the unmirrored one)."""
+    from prep import preprocess
+
+    crop, box = preprocess.load_bucket_crop(path, width=width, height=height)
+    return np.ascontiguousarray(crop[:, ::-1]), box
+
+
+class VAEFlipStage(VAEStage):
+    """The latent of the mirrored crop (kohya's `latents_flipped`), with the VAE stage's model."""
+
+    name = "vae_flip"
+    artifact = FLIP_ARTIFACT
+    model = None
+    model_from = "vae"
+    optional = True
+    options = FlipOptions
+    description = "Flux VAE latents of the mirrored bucket crops (--flip-latents)"
+
+    def enabled(self, opts) -> bool:
+        return self.stage_options(opts).flip_latents
+
+    def settings(self, opts) -> dict:
+        return {"flip": "horizontal"}
+
+    def worker_transform(self, encoder: VAEEncoder, bucket: str | None):
+        width, height = parse_bucket(bucket)
+        return functools.partial(mirrored_bucket_crop, width=width, height=height)
