@@ -49,10 +49,11 @@ class BadArray(ValueError):
 
 # --------------------------------------------------------------------------- the table
 def file_artifacts(active=None) -> dict:
-    """{kind: Artifact} of the side files, from the stage registry (optional stages: see `active_stages`)."""
+    """{kind: Artifact} of the side files, from the stage registry: optional stages only when named
+    in `active` (see `active_stages`) or with `active=stages.ALL`."""
     from prep import stages
 
-    return stages.file_artifacts(stages.ALL if active is None else active)
+    return stages.file_artifacts(active)
 
 
 def active_stages(base: str | Path) -> frozenset[str]:
@@ -68,7 +69,9 @@ def dataset_artifacts(base: str | Path) -> dict:
 
 
 def artifact_spec(kind: str):
-    return file_artifacts()[kind]
+    from prep import stages
+
+    return stages.file_artifacts(stages.ALL)[kind]
 
 
 def expected_shape(kind: str, record: dict) -> tuple[int, ...]:
@@ -97,7 +100,9 @@ def ensure_dirs(base: str | Path) -> None:
 
 def sweep_stray_temp_files(base: str | Path) -> int:
     """Delete temp files a killed run left in the artifact folders; return the count."""
-    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts())
+    from prep import stages
+
+    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts(stages.ALL))
 
 
 # ------------------------------------------------------------------------------ writing

@@ -35,7 +35,8 @@ def results(tmp_path_factory) -> tuple[list[BenchResult], Path]:
     work = tmp_path_factory.mktemp("bench-work")
     found = [
         run_guarded("preprocess", lambda: run_preprocess_bench(4, 1, cache, min_mp=0.05, max_mp=0.2, workers=(1, 2))),
-        run_guarded("scale", lambda: run_scale_bench(cache, work / "scale", records=300, growth=(100, 200, 400))),
+        run_guarded("scale", lambda: run_scale_bench(cache, work / "scale", records=300, growth=(100, 200, 400),
+                                                          added=4)),
         run_guarded("gpu", lambda: run_gpu_bench(device="cpu", tiny=True, iters=1,
                                                  passes=[("vae", 32, 1), ("dinov3", 224, 1), ("t5", 77, 1)])),
         run_guarded("export", lambda: run_export(True, cache, work, sizes=(8, 16))),

@@ -63,7 +63,8 @@ def test_the_artifact_table_names_every_kind_once() -> None:
     for field in ("folder", "member", "column"):
         values = [getattr(a, field) for a in table.values() if getattr(a, field) is not None]
         assert len(values) == len(set(values)), field
-    assert [s.name for s in stages.STAGES.values()] == ["caption", "dinov3", "vae", "t5"]
+    assert [s.name for s in stages.STAGES.values()] == ["caption", "dinov3", "vae", "vae_flip", "t5"]
+    assert list(stages.artifacts(stages.ALL)) == ["dinov3", "vae", "vae_flip", "t5", "t5_mask"]  # with the optional
     assert table["t5_mask"].record_field == "t5_attention_mask"
 
 

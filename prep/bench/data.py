@@ -207,7 +207,7 @@ LINKS_PER_INODE = 60_000  # ext4 allows 65,000 hard links per inode: start a fre
 REAL_BUCKETS = "64x64,64x128,128x64,96x96"
 
 
-def template_run(folder: Path, models: dict[str, Path], templates: int) -> Path:
+def template_run(folder: Path, models: dict[str, Path], templates: int, caption_tokens: int = 40) -> Path:
     """The real pipeline (tiny models) on `templates` generated images, once (reused)."""
     import shutil
 
@@ -221,7 +221,7 @@ def template_run(folder: Path, models: dict[str, Path], templates: int) -> Path:
         extra.unlink()
     code = main(["run", "--images", str(folder / "images"), "--manifest", str(folder / "manifest.jsonl"),
                  "--derived-dir", str(folder / "derived"), "--buckets", REAL_BUCKETS, "--min-free-gb", "0",
-                 "--num-workers", "0", *model_flags(models, caption_max_new_tokens=40)])
+                 "--num-workers", "0", *model_flags(models, caption_max_new_tokens=caption_tokens)])
     if code != 0:
         raise RuntimeError(f"the template run failed ({code})")
     (folder / ".done").write_text("ok\n")
@@ -229,7 +229,7 @@ def template_run(folder: Path, models: dict[str, Path], templates: int) -> Path:
 
 
 def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, templates: int = 4,
-                       progress: bool = True) -> dict[str, Path]:
+                       progress: bool = True, caption_tokens: int = 40) -> dict[str, Path]:
     """A finished dataset of `n` records exactly as a real run writes them, cheap on disk.
 
     The real pipeline (tiny models) runs once on `templates` images; its records (fingerprint,
@@ -244,12 +244,14 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
 
     root = Path(root)
     marker = root / ".bench-real.json"
-    params = {"version": DATA_VERSION, "n": n, "templates": templates}
+    params = {"version": DATA_VERSION, "n": n, "templates": templates, "caption_tokens": caption_tokens,
+              "models": sorted(str(p) for p in models.values())}
     paths = {"manifest": root / "manifest.jsonl", "derived": root / "derived", "images": root / "images"}
     if _read_json(marker) == params:
         return paths
     shutil.rmtree(root, ignore_errors=True)
-    seed_dir = template_run(root.parent / f"real-templates-{templates}", models, templates)
+    seed_dir = template_run(root.parent / f"real-templates-{templates}-{caption_tokens}", models, templates,
+                            caption_tokens)
     template_records = [orjson.loads(line) for line in (seed_dir / "manifest.jsonl").read_bytes().splitlines()]
     folders = {k: a.folder for k, a in file_artifacts().items()}
     for folder in [*folders.values()]:

@@ -188,6 +188,7 @@ class Setup:
     inject: Path
     procs: int
     batch_size: int
+    base: Path | None = None  # a finished dataset every work dir starts from (hard links), or None
 
 
 def extra_image_specs(n_images: int):
@@ -200,8 +201,11 @@ def extra_image_specs(n_images: int):
     return specs
 
 
-def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[str, Path] | None = None) -> Setup:
-    """Tiny models, one generated images folder and the hook, all under `out` (reused when present)."""
+def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[str, Path] | None = None,
+            base_records: int = 0) -> Setup:
+    """Tiny models, one generated images folder and the hook, all under `out` (reused when present);
+    with `base_records`, a finished dataset of that many records (as a real run writes them) that
+    every work dir starts from, so the trials run against a manifest of realistic size."""
     from prep.testing import make_test_images, make_tiny_models
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +219,22 @@ def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[
     inject = out / "inject"
     inject.mkdir(exist_ok=True)
     (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return Setup(out, images, models, inject, procs, batch_size)
+    base = None
+    if base_records:
+        from prep.bench.data import build_real_dataset
+
+        base = build_real_dataset(out / f"base-{base_records}", base_records, models, progress=False,
+                                  caption_tokens=12)["manifest"].parent
+    return Setup(out, images, models, inject, procs, batch_size, base)
+
+
+def seed_work(s: Setup, work: Path) -> None:
+    """An empty work dir, or (with a base dataset) a hard-linked copy of it: rewrites replace
+    files by rename, so the base is never changed."""
+    if s.base is None:
+        work.mkdir(parents=True)
+        return
+    shutil.copytree(s.base, work, copy_function=os.link, ignore=shutil.ignore_patterns(".bench-real.json", "*.lock"))
 
 
 def run_cmd(s: Setup, work: Path) -> list[str]:
@@ -515,6 +534,8 @@ def compare(ref: Path, work: Path, home: Path | None = None) -> list[str]:
         if rel.startswith("shards/.prep-export/") or rel in VOLATILE:
             continue  # resume state and caches: hold side-file mtimes, differ by design
         a, b = work / rel, ref / rel
+        if os.path.samefile(a, b):
+            continue  # both hard links to the base dataset's file: untouched by either run
         if rel.endswith(".npy") and read_npy_header(a) is None:
             problems.append(f"partial or unreadable {rel}")
         elif a.read_bytes() != b.read_bytes():
@@ -580,7 +601,7 @@ def make_reference(s: Setup) -> Reference:
     root = s.out / f"reference-p{s.procs}"
     shutil.rmtree(root, ignore_errors=True)
     work = root / "work"
-    work.mkdir(parents=True)
+    seed_work(s, work)
     env = job_env(s, root)
     ran = launch(run_cmd(s, work), env, root / "logs" / "run.log")
     if ran.rc != 0:
@@ -618,7 +639,7 @@ def run_trial(s: Setup, ref: Reference, index: int, scenario: str, victim: str, 
     root = s.out / f"trials-p{s.procs}" / f"{index:03d}"
     shutil.rmtree(root, ignore_errors=True)
     work = root / "work"
-    work.mkdir(parents=True)
+    seed_work(s, work)
     logs = root / "logs"
     started = time.monotonic()
     notes: list[str] = []
@@ -706,9 +727,9 @@ class FaultReport:
 
 def run_faults(out: str | Path, *, trials: int = 20, procs: int = 1, seed: int = 0, n_images: int = 24,
                batch_size: int = 1, scenarios: tuple[str, ...] = SCENARIOS, models: dict[str, Path] | None = None,
-               verbose: bool = True) -> FaultReport:
+               verbose: bool = True, base_records: int = 0) -> FaultReport:
     """The whole experiment (importable): reference, `trials` killed-and-resumed runs, comparison."""
-    s = prepare(Path(out), procs, n_images, batch_size, models)
+    s = prepare(Path(out), procs, n_images, batch_size, models, base_records)
     ref = make_reference(s)
     report = FaultReport(procs, [], ref.run_seconds, ref.marks)
     if verbose:
@@ -748,9 +769,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=24, help="generated images (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="all three batch sizes (default: %(default)s)")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these scenarios (repeatable)")
+    parser.add_argument("--base-records", type=int, default=0, metavar="N",
+                        help="start every run from a finished dataset of N records as a real run writes them "
+                             "(hard links), so the manifest has a realistic size (default: empty)")
     args = parser.parse_args(argv)
     report = run_faults(args.out, trials=args.trials, procs=args.procs, seed=args.seed, n_images=args.images,
-                        batch_size=args.batch_size, scenarios=tuple(args.scenario or SCENARIOS))
+                        batch_size=args.batch_size, scenarios=tuple(args.scenario or SCENARIOS),
+                        base_records=args.base_records)
     for note in report.notes:
         print(note)
     print(f"{report.survived}/{len(report.trials)} survived")

@@ -205,7 +205,8 @@ def _restore(paths: dict, into: Path) -> None:
     shutil.rmtree(paths["images"] / "new", ignore_errors=True)
 
 
-def goal_noop_and_added(result: BenchResult, cache: Path, work: Path, paths: dict, models: dict, n: int) -> None:
+def goal_noop_and_added(result: BenchResult, cache: Path, work: Path, paths: dict, models: dict, n: int,
+                        added: int = NEW_IMAGES) -> None:
     from prep.manifest import cache_file
 
     cache_file(paths["manifest"]).unlink(missing_ok=True)
@@ -221,7 +222,7 @@ def goal_noop_and_added(result: BenchResult, cache: Path, work: Path, paths: dic
                 warm["seconds"] * scale, f"< {GOALS['noop_s']:.0f} s", warm["seconds"] * scale < GOALS["noop_s"])
     result.goal("no-op run peak RSS", warm["peak_rss_mb"], f"< {GOALS['rss_mb']:.0f} MB",
                 warm["peak_rss_mb"] < GOALS["rss_mb"])
-    fresh = new_images(cache / f"new-images-{NEW_IMAGES}", NEW_IMAGES)
+    fresh = new_images(cache / f"new-images-{added}", added)
     empty = {"manifest": work / "empty" / "manifest.jsonl", "derived": work / "empty" / "derived", "images": fresh}
     shutil.rmtree(work / "empty", ignore_errors=True)
     alone = _cli(work, "alone", run_args(empty, models))
@@ -233,13 +234,13 @@ def goal_noop_and_added(result: BenchResult, cache: Path, work: Path, paths: dic
     finally:
         _restore(paths, snapshot)
     beyond = added["seconds"] - warm["seconds"]
-    result.add(f"2. {NEW_IMAGES} images into an empty manifest", alone["seconds"], "s",
+    result.add(f"2. {added} images into an empty manifest", alone["seconds"], "s",
                note=f"peak RSS {alone['peak_rss_mb']:.0f} MB")
-    result.add(f"2. {NEW_IMAGES} images added to the {n:,}-record dataset: time beyond the no-op run", beyond, "s",
-               baseline=f"2. {NEW_IMAGES} images into an empty manifest",
+    result.add(f"2. {added} images added to the {n:,}-record dataset: time beyond the no-op run", beyond, "s",
+               baseline=f"2. {added} images into an empty manifest",
                note=f"whole run {added['seconds']:.1f} s, peak RSS {added['peak_rss_mb']:.0f} MB")
     ratio = beyond / alone["seconds"]
-    result.goal("adding 200 images: time beyond the no-op run vs the same 200 alone", ratio,
+    result.goal(f"adding {added} images: time beyond the no-op run vs the same {added} alone", ratio,
                 f"<= {GOALS['added_ratio']}x", ratio <= GOALS["added_ratio"])
 
 
@@ -283,7 +284,8 @@ def goal_growth(result: BenchResult, cache: Path, work: Path, models: dict, size
                     projected, f"< {goal:.0f} {unit}", projected < goal)
 
 
-def run_scale_bench(cache: Path, work: Path, *, records: int, growth: tuple[int, ...]) -> BenchResult:
+def run_scale_bench(cache: Path, work: Path, *, records: int, growth: tuple[int, ...],
+                    added: int = NEW_IMAGES) -> BenchResult:
     from prep.testing import make_tiny_models
 
     result = BenchResult("scale")
@@ -298,7 +300,7 @@ def run_scale_bench(cache: Path, work: Path, *, records: int, growth: tuple[int,
     base = _child(work, "baselines", ["--baselines", str(paths["manifest"]), str(paths["derived"])])
     for step, seconds in base["times"].items():
         result.add(f"baseline: {step}", seconds, "s")
-    goal_noop_and_added(result, cache, work, paths, models, records)
+    goal_noop_and_added(result, cache, work, paths, models, records, added)
     goal_export_and_verify(result, work, paths, records)
     goal_growth(result, cache, work, models, growth)
     return result
