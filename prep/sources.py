@@ -1,0 +1,291 @@
+"""Where an image's bytes come from: one locator string per record (`image_path`), one reader.
+
+A record's `image_path` is a *locator*. Four kinds:
+
+| kind | `image_path` | read by |
+|---|---|---|
+| a file | `/abs/images/cat.jpg` (a plain path) | `open_regular` (regular files only) |
+| a WebDataset tar member | `tar:///abs/data/00001.tar?offset=1536&size=4521#000010012.jpg` | one seek + read at `offset` |
+| a row of a local `datasets` folder | `hfds:///abs/ds/train/12#image` (split, row, image column) | Arrow / parquet row lookup |
+| a row of a Hub dataset | `hf://datasets/OWNER/NAME@COMMIT/train/12#image` | parquet row group via `HfFileSystem` |
+
+`open_image(locator)` gives a binary file object for any of them (the passes' decode, the
+report), `image_fingerprint(locator, previous)` its fingerprint {size, mtime_ns, sha256}
+(the workers' and the manifest preparation's change detection). Every reader keeps the
+local-file safety rules: a FIFO, device or directory is refused before a byte is read.
+
+Change detection without a file of its own: `mtime_ns` is the modification time of the
+*container* (the tar, or the newest data file of a local dataset); while it and the size are
+unchanged the old sha256 stands, otherwise the bytes are read and hashed again. A Hub row
+is pinned to a commit, which never changes: its fingerprint has no `mtime_ns`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from prep.fsio import open_regular
+
+TAR, LOCAL_DATASET, HUB_DATASET = "tar", "hfds", "hf"
+SCHEMES = (TAR, LOCAL_DATASET, HUB_DATASET)
+TAR_BLOCK = 512
+
+
+class SourceError(OSError):
+    """The bytes a locator names cannot be read (gone, moved, or not what the record says)."""
+
+
+def is_uri(locator: str) -> bool:
+    """A locator with a scheme (tar://, hfds://, hf://) rather than a local file path."""
+    return "://" in locator
+
+
+def scheme_of(locator: str) -> str | None:
+    return locator.split("://", 1)[0] if is_uri(locator) else None
+
+
+# ------------------------------------------------------------------------------ locators
+@dataclass(frozen=True)
+class TarMember:
+    """A member of an uncompressed tar: where its data starts and how long it is."""
+
+    tar: str  # absolute path of the tar
+    member: str  # the member's name in the tar
+    offset: int  # byte offset of the member's data (its header is the 512 bytes before)
+    size: int
+
+    @property
+    def identity(self) -> str:
+        return tar_identity(self.tar, self.member)
+
+    @property
+    def locator(self) -> str:
+        return f"{self.identity.split('#', 1)[0]}?offset={self.offset}&size={self.size}#{quote(self.member)}"
+
+
+def tar_identity(tar: str, member: str) -> str:
+    """`tar://<abs path>#<member>`: a member's name, whatever its offset (what a rescan matches on)."""
+    return f"tar://{quote(os.path.abspath(tar))}#{quote(member)}"
+
+
+def identity_of(locator: str) -> str:
+    """The locator without what may change when its container is rewritten (a tar member's offset)."""
+    if locator.startswith("tar://"):
+        parts = urlsplit(locator)
+        return f"tar://{parts.path}#{parts.fragment}"
+    if locator.startswith("hf://"):  # the same row of another commit of the same dataset
+        row = parse_row(locator)
+        return f"hf://datasets/{row.dataset}/{quote(row.split)}/{row.row}#{quote(row.column)}"
+    return locator
+
+
+def parse_tar(locator: str) -> TarMember:
+    parts = urlsplit(locator)
+    query = parse_qs(parts.query)
+    try:
+        offset, size = int(query["offset"][0]), int(query["size"][0])
+    except (KeyError, ValueError, IndexError):
+        raise SourceError(f"{locator}: a tar locator needs ?offset=N&size=N") from None
+    if not parts.fragment or offset < TAR_BLOCK or size < 0:
+        raise SourceError(f"{locator}: not a tar member locator")
+    return TarMember(unquote(parts.path), unquote(parts.fragment), offset, size)
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """One row of a `datasets` dataset: a local folder (`hfds`) or a Hub repo at a commit (`hf`)."""
+
+    scheme: str
+    dataset: str  # absolute folder (hfds) or OWNER/NAME (hf)
+    revision: str | None  # the Hub commit (hf only)
+    split: str
+    row: int
+    column: str
+
+    @property
+    def locator(self) -> str:
+        column = quote(self.column)
+        if self.scheme == HUB_DATASET:
+            return f"hf://datasets/{self.dataset}@{self.revision}/{quote(self.split)}/{self.row}#{column}"
+        return f"hfds://{quote(self.dataset)}/{quote(self.split)}/{self.row}#{column}"
+
+
+def parse_row(locator: str) -> DatasetRow:
+    parts = urlsplit(locator)
+    scheme = parts.scheme
+    try:
+        if scheme == HUB_DATASET:
+            if parts.netloc != "datasets":
+                raise ValueError
+            head, split, row = parts.path.lstrip("/").rsplit("/", 2)
+            dataset, revision = head.rsplit("@", 1)
+        else:
+            head, split, row = parts.path.rsplit("/", 2)
+            dataset, revision = unquote(head), None
+        return DatasetRow(scheme, dataset, revision, unquote(split), int(row), unquote(parts.fragment) or "image")
+    except ValueError:
+        raise SourceError(f"{locator}: not a dataset row locator ({scheme}://.../SPLIT/ROW#COLUMN)") from None
+
+
+# ------------------------------------------------------------------------------ reading
+def open_image(locator: str) -> IO[bytes]:
+    """A binary file object holding the image bytes `locator` names (the one reader every pass uses).
+
+    Files: `open_regular` (regular files only). Tar members: one seek and read, after checking
+    the tar header just before the data names this member with this size. Dataset rows: the
+    row's bytes (see `prep.hfdatasets`). Raises OSError (SourceError, NotARegularFile) when the
+    bytes cannot be had.
+    """
+    kind = scheme_of(locator)
+    if kind is None:
+        return open_regular(locator)
+    return io.BytesIO(read_image_bytes(locator))
+
+
+def read_image_bytes(locator: str) -> bytes:
+    kind = scheme_of(locator)
+    if kind is None:
+        with open_regular(locator) as f:
+            return f.read()
+    if kind == TAR:
+        return read_tar_member(parse_tar(locator))
+    if kind in (LOCAL_DATASET, HUB_DATASET):
+        from prep.hfdatasets import read_row_bytes
+
+        return read_row_bytes(parse_row(locator))
+    raise SourceError(f"{locator}: unknown locator scheme {kind!r} (known: {', '.join(SCHEMES)})")
+
+
+def read_tar_member(member: TarMember) -> bytes:
+    """The member's bytes, read at its recorded offset after its header is checked (name, size)."""
+    import tarfile
+
+    with open_regular(member.tar) as f:
+        f.seek(member.offset - TAR_BLOCK)
+        block = f.read(TAR_BLOCK)
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise SourceError(f"{member.tar}: no tar header before offset {member.offset} ({exc}); "
+                              "the tar was rewritten since it was indexed") from None
+        if header.size != member.size or not _same_member_name(header.name, member.member):
+            raise SourceError(f"{member.tar}: the member at offset {member.offset} is {header.name!r} "
+                              f"({header.size} bytes), not {member.member!r} ({member.size} bytes)")
+        data = f.read(member.size)
+    if len(data) != member.size:
+        raise SourceError(f"{member.tar}: member {member.member!r} is truncated")
+    return data
+
+
+def _same_member_name(in_header: str, wanted: str) -> bool:
+    """A long name (pax / GNU header before) leaves only its first 100 bytes in the member's own header."""
+    if in_header == wanted:
+        return True
+    return len(wanted.encode("utf-8")) >= 100 and bool(in_header) and wanted.startswith(in_header.rstrip("\x00"))
+
+
+def image_exists(locator: str) -> bool:
+    """Whether the locator's container is there (a cheap check; reading can still fail)."""
+    kind = scheme_of(locator)
+    try:
+        if kind is None:
+            return os.path.isfile(locator)
+        if kind == TAR:
+            return os.path.isfile(parse_tar(locator).tar)
+        if kind == LOCAL_DATASET:
+            return os.path.isdir(parse_row(locator).dataset)
+        return kind == HUB_DATASET
+    except SourceError:
+        return False
+
+
+# --------------------------------------------------------------------------- fingerprints
+def container_mtime(locator: str) -> int | None:
+    """The modification time that stands for the locator's bytes (None: immutable, a Hub commit)."""
+    kind = scheme_of(locator)
+    if kind is None:
+        return os.stat(locator).st_mtime_ns
+    if kind == TAR:
+        return os.stat(parse_tar(locator).tar).st_mtime_ns
+    if kind == LOCAL_DATASET:
+        from prep.hfdatasets import local_version_mtime
+
+        return local_version_mtime(parse_row(locator))
+    return None
+
+
+def declared_size(locator: str) -> int | None:
+    """The size the locator itself records (tar members), else None."""
+    return parse_tar(locator).size if scheme_of(locator) == TAR else None
+
+
+def image_fingerprint(locator: str, previous: dict | None) -> dict | None:
+    """{size, mtime_ns, sha256} of the locator's bytes, re-hashing only when its container changed.
+
+    Files: the file's size and mtime (`provenance.refresh_fingerprint`). Tar members and local
+    dataset rows: the member's size and the container's mtime; a Hub row: the previous one as
+    long as it has a sha256 (the commit pins the bytes). None when the bytes are gone.
+    """
+    kind = scheme_of(locator)
+    if kind is None:
+        from prep.provenance import refresh_file_fingerprint
+
+        return refresh_file_fingerprint(locator, previous)
+    try:
+        mtime = container_mtime(locator)
+    except (OSError, ValueError):
+        return None
+    size = declared_size(locator)
+    if (
+        isinstance(previous, dict)
+        and previous.get("sha256")
+        and previous.get("mtime_ns") == mtime
+        and (size is None or previous.get("size") == size)
+    ):
+        return previous
+    try:
+        data = read_image_bytes(locator)
+    except OSError:
+        return None
+    return bytes_fingerprint(data, mtime)
+
+
+def bytes_fingerprint(data: bytes, mtime_ns: int | None) -> dict:
+    return {"size": len(data), "mtime_ns": mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# ------------------------------------------------------------------------ showing paths
+def local_path_of(locator: str) -> str | None:
+    """The local file or folder a locator lives in (None for a Hub row)."""
+    kind = scheme_of(locator)
+    if kind is None:
+        return locator
+    if kind == TAR:
+        return parse_tar(locator).tar
+    if kind == LOCAL_DATASET:
+        return parse_row(locator).dataset
+    return None
+
+
+def relative_locator(locator: str, start: str) -> str:
+    """The locator with its local part relative to `start`, for an export that must not leak paths.
+
+    A file: `os.path.relpath`. A tar member: `tar:REL/00001.tar#key.jpg` (offset dropped: it is
+    an index, not an identity). A local dataset row: `hfds:REL/train/12#image`. A Hub row is
+    public and unchanged. The relative forms have no `//`, so nothing treats them as absolute.
+    """
+    kind = scheme_of(locator)
+    if kind is None:
+        return os.path.relpath(locator, start)
+    if kind == TAR:
+        member = parse_tar(locator)
+        return f"tar:{quote(os.path.relpath(member.tar, start))}#{quote(member.member)}"
+    if kind == LOCAL_DATASET:
+        row = parse_row(locator)
+        return f"hfds:{quote(os.path.relpath(row.dataset, start))}/{quote(row.split)}/{row.row}#{quote(row.column)}"
+    return locator
