@@ -189,11 +189,22 @@ class RowReader:
         self.starts: list[int] = []
         self.tables: dict[int, object] = {}
         self.groups: OrderedDict = OrderedDict()
+        counts = self.row_counts()
         total = 0
-        for index in range(len(files)):
+        for count in counts:
             self.starts.append(total)
-            total += self.rows_in(index)
+            total += count
         self.total = total
+
+    def row_counts(self) -> list[int]:
+        """Rows per file from the footers (parquet) or the memory-mapped tables (Arrow); threads
+        hide the round trips of remote files (one small range request per footer)."""
+        if self.local or len(self.files) < 2:
+            return [self.rows_in(i) for i in range(len(self.files))]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(self.rows_in, range(len(self.files))))
 
     def rows_in(self, index: int) -> int:
         return self.open(index).metadata.num_rows if self.is_parquet(index) else self.arrow(index).num_rows
@@ -292,6 +303,16 @@ def hub_data_files(name: str, revision: str | None, split: str) -> list[str]:
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
 
 
+def check_hub_files(source: DatasetInput) -> None:
+    """A Hub dataset's rows are read back from its parquet files: refuse other layouts early."""
+    files = hub_data_files(source.name, source.revision, source.split)
+    others = sorted({os.path.splitext(f)[1] or f for f in files if not f.endswith(".parquet")})
+    if others:
+        raise UserError(f"--dataset {source.name}: its {source.split} split is stored as {', '.join(others)} files, "
+                        "which prep cannot read by row; use the Hub's parquet conversion "
+                        "(--dataset-revision refs/convert/parquet), or download it and use --images / --webdataset")
+
+
 def read_row_bytes(row: DatasetRow) -> bytes:
     """The image bytes of one row (the passes' reader; see the module docstring for the cost)."""
     try:
@@ -301,6 +322,10 @@ def read_row_bytes(row: DatasetRow) -> bytes:
     except (KeyError, ValueError, OSError) as exc:
         raise SourceError(f"{row.locator}: {type(exc).__name__}: {exc}") from None
     if isinstance(value, dict) and value.get("bytes"):
+        from prep.sources import MAX_IMAGE_BYTES
+
+        if len(value["bytes"]) > MAX_IMAGE_BYTES:
+            raise SourceError(f"{row.locator}: image of {len(value['bytes'])} bytes, over {MAX_IMAGE_BYTES}")
         return value["bytes"]
     if isinstance(value, dict) and value.get("path") and os.path.isabs(value["path"]):
         from prep.fsio import open_regular

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from prep import journal, sources
 from prep.buckets import assign_aspect_bucket
 from prep.captions import extra_fields, source_stamp, with_prefix
+from prep.errors import UserError
 from prep.provenance import text_sha256
 from prep.records import has_caption, is_safe_id, new_record
 from prep.scan import hashed_id, read_image_header, read_image_header_bytes
@@ -247,6 +248,11 @@ def scan_dataset(prep) -> None:
     if {k: previous.get(k) for k in state} == state and previous.get("first") in rows:
         logger.info("dataset %s (%s) unchanged since it was read: not streamed", source.name, source.split)
         return
+    if source.scheme == sources.HUB_DATASET:
+        try:
+            hfdatasets.check_hub_files(source)
+        except sources.SourceError as exc:
+            raise UserError(str(exc)) from None
     stream = hfdatasets.open_stream(source)
     caption_column = dataset_caption_column(opts, source)
     hfdatasets.check_column(source, opts.id_column, "--id-column")
@@ -268,8 +274,6 @@ def dataset_caption_column(opts, source) -> str | None:
     if opts.captions == "auto" and opts.caption_column in source.columns:
         return opts.caption_column
     if opts.captions in ("sidecar", "filename"):
-        from prep.errors import UserError
-
         raise UserError(f"--captions {opts.captions} does not apply to --dataset; use metadata (a column), "
                         "instance or none")
     return None
@@ -289,6 +293,9 @@ def dataset_sample(source, index: int, example: dict, caption_column: str | None
     path = image.get("path") if isinstance(image, dict) else None
     if isinstance(image, dict) and not image.get("bytes") and isinstance(path, str) and os.path.isabs(path):
         return Sample(locator=os.path.normpath(path), id_hint=hint, caption=caption, meta=meta)
+    if isinstance(path, str) and "://" in path and not (isinstance(image, dict) and image.get("bytes")):
+        raise UserError(f"--dataset {source.name}: row {index} names a remote image file ({path}) instead of holding "
+                        "its bytes; use the Hub's parquet conversion (--dataset-revision refs/convert/parquet)")
     if not isinstance(image, dict) or not image.get("bytes"):
         return Sample(locator=source.row(index).locator, id_hint=hint, error="no image in the row")
     return Sample(locator=source.row(index).locator, id_hint=hint, data=image["bytes"],

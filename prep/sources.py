@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import IO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -34,6 +35,7 @@ from prep.fsio import open_regular
 TAR, LOCAL_DATASET, HUB_DATASET = "tar", "hfds", "hf"
 SCHEMES = (TAR, LOCAL_DATASET, HUB_DATASET)
 TAR_BLOCK = 512
+MAX_IMAGE_BYTES = 1 << 31  # a member or row larger than this is not an image prep will hold in memory
 
 
 class SourceError(OSError):
@@ -165,21 +167,59 @@ def read_tar_member(member: TarMember) -> bytes:
     """The member's bytes, read at its recorded offset after its header is checked (name, size)."""
     import tarfile
 
-    with open_regular(member.tar) as f:
-        f.seek(member.offset - TAR_BLOCK)
-        block = f.read(TAR_BLOCK)
-        try:
-            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise SourceError(f"{member.tar}: no tar header before offset {member.offset} ({exc}); "
-                              "the tar was rewritten since it was indexed") from None
-        if header.size != member.size or not _same_member_name(header.name, member.member):
-            raise SourceError(f"{member.tar}: the member at offset {member.offset} is {header.name!r} "
-                              f"({header.size} bytes), not {member.member!r} ({member.size} bytes)")
-        data = f.read(member.size)
+    if member.size > MAX_IMAGE_BYTES:
+        raise SourceError(f"{member.tar}: member {member.member!r} is {member.size} bytes, over {MAX_IMAGE_BYTES}")
+    fd = _TAR_HANDLES.fd(member.tar)
+    block = os.pread(fd, TAR_BLOCK, member.offset - TAR_BLOCK)
+    try:
+        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise SourceError(f"{member.tar}: no tar header before offset {member.offset} ({exc}); "
+                          "the tar was rewritten since it was indexed") from None
+    if header.size != member.size or not _same_member_name(header.name, member.member):
+        raise SourceError(f"{member.tar}: the member at offset {member.offset} is {header.name!r} "
+                          f"({header.size} bytes), not {member.member!r} ({member.size} bytes)")
+    data = os.pread(fd, member.size, member.offset)
     if len(data) != member.size:
         raise SourceError(f"{member.tar}: member {member.member!r} is truncated")
     return data
+
+
+class _OpenTars:
+    """A few tars kept open per process, so reading a member costs a stat and two preads, not an open.
+
+    A handle is reused only while the path still names the same file (device, inode, size,
+    mtime); otherwise the tar is opened again through `open_regular` (regular files only).
+    Handles of a parent process are never used in a forked worker.
+    """
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self.handles: OrderedDict = OrderedDict()
+
+    def fd(self, path: str) -> int:
+        st = os.stat(path)
+        key = (os.getpid(), path)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        held = self.handles.get(key)
+        if held is not None and held[1] == identity:
+            self.handles.move_to_end(key)
+            return held[0].fileno()
+        if held is not None:
+            self._close(key)
+        handle = open_regular(path)
+        self.handles[key] = (handle, identity)
+        while len(self.handles) > self.keep:
+            self._close(next(iter(self.handles)))
+        return handle.fileno()
+
+    def _close(self, key) -> None:
+        handle, _ = self.handles.pop(key)
+        if key[0] == os.getpid():
+            handle.close()
+
+
+_TAR_HANDLES = _OpenTars()
 
 
 def _same_member_name(in_header: str, wanted: str) -> bool:
