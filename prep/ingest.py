@@ -6,10 +6,11 @@ tar member, the same dataset row): a changed image gets its new fingerprint and 
 artifacts then go stale), a caption the input gave is replaced when the input's caption
 changed. Nothing is ever written here: the preparation rewrites the manifest once at the end.
 
-A rerun reads only what changed: a tar whose records' fingerprints carry its current mtime is
-not opened; a dataset whose version (Hub commit, or the local data files' sizes and mtimes) and
-options are those of the last complete preparation is not streamed (`prep_metadata.json`,
-`sources`, written after the manifest).
+A rerun reads only what changed: a tar with the size and mtime it had when it was last read
+(and at least as many records as that read left) is not opened; a dataset whose version (Hub
+commit, or the local data files' sizes and mtimes) and options are those of the last complete
+preparation is not streamed. What was read is kept in `<derived dir>/sources.json`, written
+after the manifest, so it never claims records the manifest does not hold.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from prep.scan import hashed_id, read_image_header, read_image_header_bytes
 logger = logging.getLogger("prep")
 
 WEBDATASET, DATASET = "webdataset", "dataset"
-STATE_KEY = "sources"
+STATE_FILE = "sources.json"
 
 
 @dataclass
@@ -63,22 +64,22 @@ class Ingest:
         self.taken = ({i for i in prep.column("image_id") if i} | {r["image_id"] for r in prep.appended})
         self.buckets = prep.opts.bucket_list()
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample) -> bool:
+        """Create or update the sample's record; False when the sample is skipped."""
         if sample.error:
             self.skip(sample.error, sample.locator)
-            return
+            return False
         header = (read_image_header_bytes(sample.data, sample.locator) if sample.data is not None
                   else read_image_header(sample.locator))
         if header.error:
             self.skip(f"not an image: {header.error}" if "recognised" in header.error else header.error, sample.locator)
-            return
+            return False
         fp = (sources.bytes_fingerprint(sample.data, sample.mtime_ns) if sample.data is not None
               else sources.image_fingerprint(sample.locator, None))
-        row = self.rows.get(sample.identity)
-        if row is not None:
-            self.update(row, sample, header, fp)
-        else:
+        if sample.identity not in self.rows:
             self.create(sample, header, fp)
+            return True
+        return self.update(self.rows[sample.identity], sample, header, fp)
 
     def skip(self, reason: str, where: str) -> None:
         short = reason.split(":")[0].strip()
@@ -106,10 +107,10 @@ class Ingest:
         self.rows[sample.identity] = None
         self.prep.tally.new.add(image_id)
 
-    def update(self, row: int | None, sample: Sample, header, fp: dict | None) -> None:
+    def update(self, row: int | None, sample: Sample, header, fp: dict | None) -> bool:
         if row is None:  # a second sample with an identity this run already added
             self.skip("duplicate key: seen earlier in this input", sample.locator)
-            return
+            return False
         record = copy.deepcopy(self.prep.current(row))
         changes: dict = {}
         if record.get("image_path") != sample.locator:
@@ -129,6 +130,7 @@ class Ingest:
             journal.apply_update(self.prep.record(row), changes)
             self.prep.tally.enriched.add(record.get("image_id") or sample.locator)
         self.rows[sample.identity] = None
+        return True
 
     def set_caption(self, record: dict, sample: Sample) -> None:
         """The input's caption, unless the record has one from elsewhere (a user's, a sidecar's)."""
@@ -160,6 +162,26 @@ def identity_rows(prep) -> dict[str, int | None]:
     return rows
 
 
+def read_state(derived_dir) -> dict:
+    """What the last complete preparations read of each input ({} when unknown: read everything)."""
+    from pathlib import Path
+
+    try:
+        state = json.loads((Path(derived_dir) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def write_state(derived_dir, updates: dict) -> None:
+    from pathlib import Path
+
+    from prep.fsio import atomic_write_text
+
+    state = {**read_state(derived_dir), **updates}
+    atomic_write_text(Path(derived_dir) / STATE_FILE, json.dumps(state, sort_keys=True) + "\n")
+
+
 def options_digest(opts, *names: str) -> str:
     values = {name: getattr(opts, name) for name in names}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -179,23 +201,33 @@ def scan_webdataset(prep) -> None:
         return
     tars = check_tars(opts.webdataset)
     digest = options_digest(opts, *WDS_OPTIONS)
-    state = prep.state_of("webdataset-options")
-    read_before = tar_mtimes(prep) if state == digest else {}
-    todo = [t for t in tars if os.stat(t).st_mtime_ns not in read_before.get(t, ())]
+    counts = tar_record_counts(prep)
+    todo = [t for t in tars if not tar_unchanged(prep.state_of(f"tar:{t}"), t, digest, counts.get(t, 0))]
     if len(todo) < len(tars):
         logger.info("webdataset: %d of %d tars unchanged since they were read: not opened", len(tars) - len(todo), len(tars))
     ingest = Ingest(prep, WEBDATASET)
     caption_ext, caption_key = tar_caption_rules(opts)
     keys: set[str] = set()
     for tar in progress(todo, desc="webdataset", unit="tar"):
-        mtime = os.stat(tar).st_mtime_ns
+        st = os.stat(tar)
+        kept = 0
         for found in iter_tar_samples(tar, caption_ext, caption_key):
-            sample = tar_sample(found, mtime)
+            sample = tar_sample(found, st.st_mtime_ns)
             if found.key and found.key in keys and not sample.error:
                 sample.error = f"duplicate key: {found.key!r} seen earlier in this input"
             keys.add(found.key)
-            ingest.add(sample)
-    prep.set_state("webdataset-options", digest)
+            kept += ingest.add(sample)
+        prep.set_state(f"tar:{tar}", {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "options": digest,
+                                      "records": kept})
+
+
+def tar_unchanged(state, tar: str, digest: str, records: int) -> bool:
+    """Read before at this size and mtime, with these options, and its records are still there."""
+    if not isinstance(state, dict):
+        return False
+    st = os.stat(tar)
+    return (state.get("size"), state.get("mtime_ns"), state.get("options")) == (st.st_size, st.st_mtime_ns, digest) \
+        and records >= (state.get("records") or 0)
 
 
 def tar_caption_rules(opts) -> tuple[str | None, str | None]:
@@ -216,15 +248,16 @@ def tar_sample(found, mtime: int) -> Sample:
                   mtime_ns=mtime, caption=found.caption, meta=found.meta)
 
 
-def tar_mtimes(prep) -> dict[str, set[int]]:
-    """tar path -> the tar mtimes its records' fingerprints carry (a tar read at that mtime)."""
-    seen: dict[str, set[int]] = {}
-    paths = prep.column("image_path")
-    mtimes = prep.column("fp_mtime")
-    for path, mtime in zip(paths, mtimes, strict=True):
-        if path.startswith("tar://") and mtime is not None:
-            seen.setdefault(sources.parse_tar(path).tar, set()).add(mtime)
-    return seen
+def tar_record_counts(prep) -> dict[str, int]:
+    """tar path -> how many records the manifest holds of its members."""
+    counts: dict[str, int] = {}
+    for row, path in enumerate(prep.column("image_path")):
+        if row in prep.changed:
+            path = prep.changed[row]["image_path"]
+        if path.startswith("tar://"):
+            tar = sources.parse_tar(path).tar
+            counts[tar] = counts.get(tar, 0) + 1
+    return counts
 
 
 # ------------------------------------------------------------------------------ datasets
@@ -245,7 +278,10 @@ def scan_dataset(prep) -> None:
     state = {"version": source.version, "options": options_digest(opts, *DATASET_OPTIONS)}
     previous = prep.state_of(source.key) or {}
     rows = identity_rows(prep)
-    if {k: previous.get(k) for k in state} == state and previous.get("first") in rows:
+    prefix = sources.identity_of(source.row(0).locator).rsplit("/", 1)[0] + "/"  # hfds://PATH/SPLIT/, hf://...
+    held = sum(1 for identity in rows if identity.startswith(prefix))
+    if ({k: previous.get(k) for k in state} == state and previous.get("first") in rows
+            and held >= (previous.get("records") or 0)):
         logger.info("dataset %s (%s) unchanged since it was read: not streamed", source.name, source.split)
         return
     if source.scheme == sources.HUB_DATASET:
@@ -257,12 +293,13 @@ def scan_dataset(prep) -> None:
     caption_column = dataset_caption_column(opts, source)
     hfdatasets.check_column(source, opts.id_column, "--id-column")
     ingest = Ingest(prep, DATASET)
-    first = None
+    first, kept = None, 0
     for index, example in progress(hfdatasets.iter_rows(stream), desc="dataset", unit="row"):
         sample = dataset_sample(source, index, example, caption_column, opts)
         first = first or sample.identity
-        ingest.add(sample)
-    prep.set_state(source.key, {**state, "first": first})
+        if ingest.add(sample) and sample.identity.startswith(prefix):
+            kept += 1  # rows read back by index (rows that are files are checked through `first`)
+    prep.set_state(source.key, {**state, "first": first, "records": kept})
 
 
 def dataset_caption_column(opts, source) -> str | None:

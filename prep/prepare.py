@@ -58,11 +58,16 @@ class Preparation:
     changed: dict[int, dict] = field(default_factory=dict)
     appended: list[dict] = field(default_factory=list)
     inodes: dict[tuple[int, int], int] = field(default_factory=dict)  # (dev, ino) of record images -> row
-    state_updates: dict = field(default_factory=dict)  # prep_metadata.json `sources`, written after the manifest
+    state_updates: dict = field(default_factory=dict)  # what the inputs were (`sources.json`), written after the manifest
+    _state: dict | None = None
 
     def state_of(self, key: str):
-        """What the last complete preparation recorded of an input (`sources` in prep_metadata.json)."""
-        return (store.read_metadata(self.opts.derived_dir).get("sources") or {}).get(key)
+        """What the last complete preparation recorded of an input (`prep.ingest.read_state`)."""
+        if self._state is None:
+            from prep.ingest import read_state
+
+            self._state = read_state(self.opts.derived_dir)
+        return self._state.get(key)
 
     def set_state(self, key: str, value) -> None:
         self.state_updates[key] = value
@@ -175,10 +180,34 @@ def _refresh_located(prep: Preparation, row: int, locator: str, mtime: int | Non
         return 0
     record = prep.current(row)
     fresh = sources.image_fingerprint(locator, record.get("image_fingerprint"))
+    if fresh is None and locator.startswith("tar://"):
+        locator = _member_moved(prep, row, locator, containers)
+        fresh = sources.image_fingerprint(locator, None) if locator else None
     if fresh is None or fresh == record.get("image_fingerprint"):
         return 0
     prep.record(row)["image_fingerprint"] = fresh
     return 1
+
+
+def _member_moved(prep: Preparation, row: int, locator: str, containers: dict) -> str | None:
+    """A tar rewritten since it was read: find the member again by name (headers only), move the record."""
+    from prep.tars import index_tar
+
+    member = sources.parse_tar(locator)
+    key = ("index", member.tar)
+    if key not in containers:
+        try:
+            containers[key] = index_tar(member.tar)
+        except OSError:
+            containers[key] = {}
+    found = containers[key].get(member.member)
+    if found is None:
+        logger.warning("%s: member %s is gone; record %s keeps its old fingerprint", member.tar, member.member,
+                       prep.current(row).get("image_id"))
+        return None
+    moved = sources.TarMember(member.tar, member.member, *found).locator
+    prep.record(row)["image_path"] = moved
+    return moved
 
 
 def scan_images(prep: Preparation) -> None:
@@ -373,6 +402,9 @@ STEPS: list[Step] = [
 
 def prepare_manifest(opts: RunOptions, manifest: Manifest, tally: Tally, steps: list[Step] = STEPS) -> Manifest:
     """Run the steps; one streaming rewrite if anything changed. Returns the manifest as it now is."""
+    from prep.hfdatasets import forget_readers
+
+    forget_readers()  # dataset files replaced since this process last read them must be opened anew
     prep = Preparation(opts, manifest, tally)
     for step in steps:
         step(prep)
@@ -380,6 +412,7 @@ def prepare_manifest(opts: RunOptions, manifest: Manifest, tally: Tally, steps: 
         manifest = rewrite(manifest, prep.changed, prep.appended)
     journal.clear(opts.manifest)
     if prep.state_updates:  # only now: a state never claims records the manifest does not hold
-        known = store.read_metadata(opts.derived_dir).get("sources") or {}
-        store.update_metadata(opts.derived_dir, {"sources": {**known, **prep.state_updates}})
+        from prep.ingest import write_state
+
+        write_state(opts.derived_dir, prep.state_updates)
     return manifest

@@ -181,3 +181,21 @@ def parse_json_member(tar: str, info: tarfile.TarInfo, data) -> dict:
         logger.warning("%s: %s is not JSON (%s): not used", tar, info.name, exc)
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def index_tar(tar: str) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) of a tar's regular members: headers only (seeks past the
+    data), to find members again after the tar was rewritten. A tar cut short gives what precedes the cut."""
+    from prep.fsio import open_regular
+
+    found: dict[str, tuple[int, int]] = {}
+    with open_regular(tar) as f:
+        try:
+            archive = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - closed with `f`
+            while (info := archive.next()) is not None:
+                archive.members.clear()
+                if info.isreg():
+                    found.setdefault(info.name, (info.offset_data, info.size))
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            logger.warning("%s: index stops after %d members (%s)", tar, len(found), exc)
+    return found

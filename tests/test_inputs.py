@@ -222,15 +222,18 @@ def test_webdataset_tars_skips_kill_resume_and_changed_tar(tmp_path, tiny_models
     samples = [hi.img2dataset_sample(7, 1)] + [hi.img2dataset_sample(i, 1, caption=i != 1) for i in range(3)]
     samples[2]["jpg"] = hi.jpeg_bytes(64, 96, 999)
     hi.write_tar(folder / "00001.tar", samples)
-    assert main(run_args(reference, tiny_models, "--webdataset", pattern)) == 0
+    assert main(run_args(reference, tiny_models)) == 0  # the manifest alone: members are found again by name
     out = capsys.readouterr().out
-    assert "1 new" in out
     after = by_id(reference)
     assert after["000010000"]["image_path"] != first["image_path"]  # moved: found again by member name
     assert after["000010000"]["provenance"]["vae"] == first["provenance"]["vae"]  # same bytes: not redone
     assert after["000010001"]["image_fingerprint"] != records["000010001"]["image_fingerprint"]
     # its DINOv3 and VAE, and its model-written caption (then its T5): the image it described changed
     assert refreshed_line(out) == "refreshed: 4 stale artifacts recomputed (caption 1, dinov3 1, t5 1, vae 1)"
+    assert verify_ok(reference)
+    assert main(run_args(reference, tiny_models, "--webdataset", pattern)) == 0  # the tar is read again
+    assert "1 new" in capsys.readouterr().out
+    assert by_id(reference)["000010007"]["caption"] == "tar caption 000010007"
     assert verify_ok(reference)
 
 
@@ -293,4 +296,9 @@ def test_combined_sources_in_one_manifest(tmp_path, tiny_models, capsys) -> None
     assert len(records) == 5 + 3 + 7
     assert len({r["image_id"] for r in records}) == len(records)
     json.dumps(records)  # every extra field is JSON
+    (work / "manifest.jsonl").unlink()  # a lost manifest: the inputs' read state must not hide them
+    assert main(args) == 0
+    assert len(read_records(work)) == 15
+    assert main([*args, "--no-resume"]) == 0
+    assert sorted(r["image_path"] for r in read_records(work)) == sorted(r["image_path"] for r in records)
     shutil.rmtree(work)
