@@ -125,3 +125,22 @@ def test_header_of_bytes_matches_header_of_file(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (10, 10)).save(buffer, "PNG")
     assert read_image_header_bytes(buffer.getvalue(), "x").width == 10
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_member_names_and_a_damaged_header(tmp_path: Path, fmt: int) -> None:
+    path = tmp_path / "long.tar"
+    name = "d" * 60 + "/" + "x" * 90 + ".jpg"
+    data = hi.jpeg_bytes(40, 30, 5)
+    with tarfile.open(path, "w", format=fmt) as archive:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    (sample,) = iter_tar_samples(str(path))
+    assert sample.image.member == name
+    assert open_image(sample.image.locator).read() == data
+    damaged = bytearray(path.read_bytes())
+    damaged[sample.image.offset - 512 + 3] ^= 0x01  # one bit of the member's own header
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(SourceError, match="no tar header|not"):
+        open_image(sample.image.locator)
