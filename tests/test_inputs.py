@@ -302,3 +302,53 @@ def test_combined_sources_in_one_manifest(tmp_path, tiny_models, capsys) -> None
     assert main([*args, "--no-resume"]) == 0
     assert sorted(r["image_path"] for r in read_records(work)) == sorted(r["image_path"] for r in records)
     shutil.rmtree(work)
+
+
+def test_two_ranks_on_tars_and_a_dataset_match_one_process(tmp_path, tiny_models) -> None:
+    """Every rank's DataLoader workers read members and rows themselves (own tar handles, own readers)."""
+    from test_pipeline_e2e import accelerate_cmd
+
+    folder = hi.make_tars(tmp_path / "tars")
+    saved = hi.make_saved_dataset(tmp_path / "saved", n=4)
+    inputs = ("--webdataset", str(folder), "--dataset", str(saved))
+    one = tmp_path / "one"
+    assert main(run_args(one, tiny_models, *inputs)) == 0
+    two = tmp_path / "two"
+    cmd = [*accelerate_cmd(), str(REPO / "prep" / "run.py"), *run_args(two, tiny_models, *inputs)[1:]]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "11 new" in proc.stdout
+    assert_same_outputs(two, one)
+
+
+def test_hub_dataset_rows_are_pinned_to_a_commit_and_read_through_fsspec(tmp_path, tiny_models, capsys,
+                                                                          monkeypatch) -> None:
+    """The Hub is out of reach here: its three doors (commit, data files, stream) open onto a local
+    parquet folder; everything behind them (locators, row reads through fsspec, a new commit) is real."""
+    import datasets
+
+    from prep.sources import open_image
+
+    folder = hi.make_parquet_folder(tmp_path / "parquet", n=5)
+    files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
+    commit = {"sha": "c0ffee1"}
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(hfdatasets, "hub_commit", lambda name, revision: commit["sha"])
+    monkeypatch.setattr(hfdatasets, "hub_data_files", lambda name, revision, split: files)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: real_load(str(folder), **{**kw, "revision": None}))
+    work = tmp_path / "work"
+    args = run_args(work, tiny_models, "--dataset", "owner/pictures", "--pass", "migrate")
+    assert main(args) == 0
+    records = by_id(work)
+    assert records["train-3"]["image_path"] == "hf://datasets/owner/pictures@c0ffee1/train/3#image"
+    assert "mtime_ns" in records["train-3"]["image_fingerprint"] and records["train-3"]["image_fingerprint"]["mtime_ns"] is None
+    stream = list(real_load(str(folder), split="train", streaming=True).cast_column("image", datasets.Image(decode=False)))
+    for index, example in enumerate(stream):
+        with open_image(records[f"train-{index}"]["image_path"]) as f:
+            assert f.read() == example["image"]["bytes"]
+    commit["sha"] = "beef002"  # a new commit: streamed again, rows matched by position, nothing duplicated
+    assert main(args) == 0
+    after = by_id(work)
+    assert sorted(after) == sorted(records)
+    assert after["train-3"]["image_path"].endswith("@beef002/train/3#image")
+    assert after["train-3"]["image_fingerprint"] == records["train-3"]["image_fingerprint"]
