@@ -148,7 +148,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     parser = _command(
         sub, "run", cmd_run, RunOptions,
         "scan, migrate, caption and encode (same as `accelerate launch prep/run.py`)",
-        "The main job: scan --images for new files, migrate old records, then caption (where missing), T5, "
+        "The main job: scan the inputs (--images, --dataset, --webdataset) for new images, take the captions "
+        "you have (--captions), migrate old records, then caption (where missing), T5, "
         "DINOv3 and VAE passes; resumable (kill it and run it again), on every GPU under `accelerate launch`.",
     )
     for action in parser._actions:

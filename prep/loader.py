@@ -2,9 +2,9 @@
 
 Workers return `(image_id, data, error, fingerprint)`: a bad image becomes an error string
 for its row instead of killing the batch, so one corrupt file never stops a run. The
-fingerprint (size, mtime, sha256 of the file) is taken in the worker too, reusing the
-record's previous one when size and mtime are unchanged, so provenance costs the model
-nothing.
+fingerprint (size, mtime, sha256 of the image's bytes, `prep.sources.image_fingerprint`:
+a file, a tar member or a dataset row) is taken in the worker too, reusing the record's
+previous one when size and mtime are unchanged, so provenance costs the model nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prep.fsio import before_fork, worker_init
 from prep.preprocess import ImageDecodeError
-from prep.provenance import refresh_fingerprint
+from prep.sources import image_fingerprint
 
 Item = tuple[str, Any, str | None, dict | None]
 
@@ -43,7 +43,7 @@ class ImageRows(Dataset):
     def __getitem__(self, index: int) -> Item:
         image_id, path = self.image_ids[index], self.paths[index]
         try:
-            fingerprint = refresh_fingerprint(path, self.fingerprints[index])
+            fingerprint = image_fingerprint(path, self.fingerprints[index])
             return image_id, self.transform(path), None, fingerprint
         except ImageDecodeError as exc:
             return image_id, None, str(exc), None

@@ -242,7 +242,22 @@ class RunOptions(Logging, Parallel, DatasetPaths):
     """Everything the main job (`prep run`, `prep/run.py`) needs; also buildable from Python."""
 
     images: Path | None = opt(
-        None, "folder of images, scanned recursively (optional when the manifest exists)", group="dataset"
+        None, "folder of images, scanned recursively (optional when the manifest exists)", group="inputs"
+    )
+    dataset: str | None = opt(
+        None, "a Hugging Face dataset: Hub id, or a local folder (save_to_disk, parquet files, imagefolder); "
+        "streamed, images read by row, never copied", metavar="NAME_OR_PATH", group="inputs",
+    )
+    split: str = opt("train", "--dataset split", group="inputs")
+    dataset_revision: str | None = opt(None, "--dataset Hub branch, tag or commit (default: main)", metavar="REV",
+                                       group="inputs")
+    image_column: str = opt("image", "--dataset column holding the images (an Image feature)", group="inputs")
+    id_column: str | None = opt(
+        None, "--dataset column whose values become image_id (made safe; default: SPLIT-ROW)", group="inputs"
+    )
+    webdataset: str | None = opt(
+        None, "WebDataset tars (img2dataset output): a brace pattern 'data/{00000..00099}.tar', a glob or a folder; "
+        "members are read in place by offset", metavar="PATTERN", group="inputs",
     )
     pass_: str = opt(
         "all",
@@ -264,6 +279,23 @@ class RunOptions(Logging, Parallel, DatasetPaths):
         "`prep verify` still reports them",
         group="what to do",
     )
+    captions: str = opt(
+        "auto",
+        "where the captions users supplied come from (the captioner fills the rest): auto = metadata file, "
+        "else sidecar (files), .txt member (tars), --caption-column (datasets); sidecar = <stem>.txt beside the image "
+        "or in the tar sample; metadata = --caption-column of metadata.jsonl/.csv/.parquet (imagefolder layout), "
+        "of the tar sample's .json or of the dataset; filename = the file stem as words; instance = --instance-prompt; "
+        "none = the captioner writes every caption",
+        choices=("auto", "sidecar", "metadata", "filename", "instance", "none"), group="captions",
+    )
+    caption_extension: str = opt(".txt", "extension of sidecar caption files and tar caption members", group="captions")
+    caption_column: str = opt(
+        "text", "metadata column (or json key, or dataset column) holding the caption (diffusers' default)",
+        group="captions",
+    )
+    instance_prompt: str | None = opt(None, "the caption of every image with --captions instance", group="captions")
+    caption_prefix: str = opt("", "put before every caption a source gives (e.g. a trigger word and a space)",
+                              group="captions")
     no_sidecar_captions: bool = opt(False, "ignore <image stem>.txt caption files beside the images", group="captions")
     verify: bool = opt(False, "after the run, read and check every side file (like `prep verify`)", group="what to do")
     no_resume: bool = opt(
@@ -306,6 +338,8 @@ class RunOptions(Logging, Parallel, DatasetPaths):
         self.derived_dir = Path(self.derived_dir)
         if self.images is not None:
             self.images = Path(self.images)
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            self.caption_extension = "." + self.caption_extension
         for name, stage in stages.STAGES.items():
             if stage.model is not None and name not in self.models:
                 self.models[name] = ModelChoice(stage.model.default, None, stage.model.subfolder)

@@ -71,8 +71,9 @@ def check_inputs(opts: RunOptions) -> None:
     if manifest.exists() and not resolve_manifest_path(manifest).is_file():
         raise RunError(f"manifest {manifest} is not a file")
     has_records = manifest.exists() and os.path.getsize(resolve_manifest_path(manifest)) > 0
-    if opts.images is None and not manifest.exists():
-        raise RunError(f"manifest {manifest} does not exist and no --images folder was given")
+    if opts.images is None and not opts.dataset and not opts.webdataset and not manifest.exists():
+        raise RunError(f"manifest {manifest} does not exist and no input was given (--images, --dataset or --webdataset)")
+    check_source_options(opts)
     if opts.images is not None and not has_records and not opts.no_resume and not has_any_image(opts.images):
         from prep.config import IMAGE_EXTENSIONS
 
@@ -100,6 +101,23 @@ def check_inputs(opts: RunOptions) -> None:
         raise RunError("batch sizes must be >= 1")
     if opts.pass_ not in ("all", "migrate", *stages.STAGES):
         raise RunError(f"--pass {opts.pass_}: choose all, migrate or one of {', '.join(stages.STAGES)}")
+
+
+def check_source_options(opts: RunOptions) -> None:
+    """The input and caption flags (`prep.sources`, `prep.captions`): cheap checks, no streaming."""
+    if opts.webdataset:
+        from prep.tars import check_tars
+
+        check_tars(opts.webdataset)
+    if opts.captions == "instance" and not (opts.instance_prompt or "").strip():
+        raise RunError("--captions instance needs --instance-prompt TEXT")
+    if opts.instance_prompt and opts.captions != "instance":
+        raise RunError(f"--instance-prompt is used only with --captions instance (not {opts.captions})")
+    if opts.captions == "metadata" and opts.images is not None and opts.images.is_dir():
+        from prep.captions import find_metadata_files
+
+        if not find_metadata_files(opts.images):
+            raise RunError(f"--captions metadata: no metadata.jsonl, metadata.csv or metadata.parquet under {opts.images}")
 
 
 def resolve_models(opts: RunOptions) -> dict[str, ResolvedModel]:
@@ -461,6 +479,9 @@ def report(opts: RunOptions, tally: Tally, counts: dict, elapsed: float) -> None
         print(line, flush=True)
     if tally.unreadable:
         print(f"scan: {tally.unreadable} unreadable files skipped (see warnings above)", flush=True)
+    if tally.skipped_inputs:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(tally.skipped_inputs.items()))
+        print(f"inputs: {sum(tally.skipped_inputs.values())} samples skipped ({reasons}; see warnings above)", flush=True)
 
 
 def verify_after_run(opts: RunOptions) -> int:

@@ -12,8 +12,11 @@ streaming rewrite at the end. The steps, in order:
    or mtime changed (their artifacts then go stale);
 4. `scan_images`: new files under `--images` become records; a file already in the manifest
    (by path, or by device and inode: a symlinked folder, a hard link) never gets a second one;
-5. `apply_sidecar_captions`: `<stem>.txt` beside an image is its caption (the user's, never
-   regenerated); an edited sidecar replaces the caption it gave;
+   `scan_webdataset` and `scan_dataset` do the same for `--webdataset` tars and a `--dataset`
+   (`prep.ingest`: new samples become records, changed ones are updated);
+5. `apply_captions`: the `--captions` source (metadata file, sidecar, file name, instance
+   prompt; `prep.captions`) gives records without a caption theirs (the user's, never
+   regenerated); an edited sidecar or metadata file replaces the caption it gave;
 6. `migrate_records`: v0/v1 records become v2 (see `prep.migrate`);
 7. `rebucket`: records move to the nearest bucket of the current set;
 8. `vouch_for_legacy`: artifacts of records from before provenance (no `provenance` field) are
@@ -32,12 +35,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from prep import journal, provenance, store
+from prep import journal, provenance, sources, store
 from prep.buckets import assign_aspect_bucket
-from prep.config import MAX_CAPTION_FILE_BYTES
+from prep.captions import apply_captions
+from prep.ingest import scan_dataset, scan_webdataset
 from prep.manifest import Manifest, rewrite
 from prep.options import RunOptions
 from prep.records import has_caption, needs_migration, new_record
+from prep.sources import is_uri
 from prep.tally import Tally
 
 logger = logging.getLogger("prep")
@@ -53,6 +58,19 @@ class Preparation:
     changed: dict[int, dict] = field(default_factory=dict)
     appended: list[dict] = field(default_factory=list)
     inodes: dict[tuple[int, int], int] = field(default_factory=dict)  # (dev, ino) of record images -> row
+    state_updates: dict = field(default_factory=dict)  # what the inputs were (`sources.json`), written after the manifest
+    _state: dict | None = None
+
+    def state_of(self, key: str):
+        """What the last complete preparation recorded of an input (`prep.ingest.read_state`)."""
+        if self._state is None:
+            from prep.ingest import read_state
+
+            self._state = read_state(self.opts.derived_dir)
+        return self._state.get(key)
+
+    def set_state(self, key: str, value) -> None:
+        self.state_updates[key] = value
 
     def record(self, row: int) -> dict:
         """The record at `row` for reading or changing (a change is kept and written at the end)."""
@@ -94,10 +112,6 @@ def recover_journals(prep: Preparation) -> None:
     logger.info("recovered the journals of an interrupted run (%d records)", len(updates))
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def absolutize_paths(prep: Preparation) -> None:
     paths = prep.column("image_path")
     relative = [row for row, path in enumerate(paths) if not is_uri(path) and not os.path.isabs(path)]
@@ -129,11 +143,13 @@ def refresh_fingerprints(prep: Preparation) -> None:
     sizes = pc.fill_null(table.column("fp_size"), -1).to_numpy()
     mtimes = pc.fill_null(table.column("fp_mtime"), -1).to_numpy()
     changed = 0
+    containers: dict[str, int | None] = {}
     for row, path in enumerate(paths):
-        if is_uri(path):
-            continue
         if row in prep.changed:
             path = prep.changed[row]["image_path"]
+        if is_uri(path):
+            changed += _refresh_located(prep, row, path, int(mtimes[row]) if has_fp[row] else None, containers)
+            continue
         try:
             st = os.stat(path)
         except (OSError, ValueError):
@@ -148,6 +164,50 @@ def refresh_fingerprints(prep: Preparation) -> None:
             changed += 1
     if changed:
         logger.info("%d image files changed on disk since their fingerprint", changed)
+
+
+def _refresh_located(prep: Preparation, row: int, locator: str, mtime: int | None, containers: dict) -> int:
+    """A tar member's or dataset row's fingerprint, re-hashed only when its container's mtime changed."""
+    if mtime is None or locator.startswith("hf://"):
+        return 0  # no fingerprint yet (the pass takes it), or a Hub commit (immutable)
+    key = sources.local_path_of(locator) if locator.startswith("tar://") else locator
+    if key not in containers:
+        try:
+            containers[key] = sources.container_mtime(locator)
+        except (OSError, ValueError):
+            containers[key] = None
+    if containers[key] is None or containers[key] == mtime:
+        return 0
+    record = prep.current(row)
+    fresh = sources.image_fingerprint(locator, record.get("image_fingerprint"))
+    if fresh is None and locator.startswith("tar://"):
+        locator = _member_moved(prep, row, locator, containers)
+        fresh = sources.image_fingerprint(locator, None) if locator else None
+    if fresh is None or fresh == record.get("image_fingerprint"):
+        return 0
+    prep.record(row)["image_fingerprint"] = fresh
+    return 1
+
+
+def _member_moved(prep: Preparation, row: int, locator: str, containers: dict) -> str | None:
+    """A tar rewritten since it was read: find the member again by name (headers only), move the record."""
+    from prep.tars import index_tar
+
+    member = sources.parse_tar(locator)
+    key = ("index", member.tar)
+    if key not in containers:
+        try:
+            containers[key] = index_tar(member.tar)
+        except OSError:
+            containers[key] = {}
+    found = containers[key].get(member.member)
+    if found is None:
+        logger.warning("%s: member %s is gone; record %s keeps its old fingerprint", member.tar, member.member,
+                       prep.current(row).get("image_id"))
+        return None
+    moved = sources.TarMember(member.tar, member.member, *found).locator
+    prep.record(row)["image_path"] = moved
+    return moved
 
 
 def scan_images(prep: Preparation) -> None:
@@ -200,67 +260,6 @@ def _same_file_row(prep: Preparation, path: str) -> int | None:
     except OSError:
         return None
     return prep.inodes.get((st.st_dev, st.st_ino))
-
-
-def sidecar_caption(image_path: str) -> tuple[str, os.stat_result] | None:
-    """The caption in `<image stem>.txt` beside the image (and the file's stat), if any."""
-    from prep.fsio import read_capped_text
-
-    if is_uri(image_path):
-        return None
-    path = Path(image_path).with_suffix(".txt")
-    try:
-        st = os.stat(path)
-        text = read_capped_text(path, MAX_CAPTION_FILE_BYTES).strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        logger.warning("caption file %s not used: %s", path, exc)
-        return None
-    return (text, st) if text else None
-
-
-def apply_sidecar_captions(prep: Preparation) -> None:
-    """Captions from `<stem>.txt`: for records without one, and where the sidecar changed since."""
-    opts = prep.opts
-    if opts.no_sidecar_captions or "caption" not in opts.selected_passes() or opts.recaption:
-        return
-    table = prep.manifest.table
-    missing = ~pc.is_valid(table.column("caption")).to_numpy(zero_copy_only=False)
-    from_sidecar = (pc.fill_null(pc.equal(table.column("caption__source").cast("string"), "sidecar"), False)
-                    .to_numpy(zero_copy_only=False))
-    sizes = pc.fill_null(table.column("caption__file_size"), -1).to_numpy()
-    mtimes = pc.fill_null(table.column("caption__file_mtime"), -1).to_numpy()
-    paths = table.column("image_path").to_pylist()
-    for row in np.flatnonzero(missing | from_sidecar).tolist():
-        if from_sidecar[row] and not missing[row] and _sidecar_unchanged(paths[row], sizes[row], mtimes[row]):
-            continue
-        _take_sidecar(prep, prep.current(row), row)
-    for record in prep.appended:
-        _take_sidecar(prep, record, None)
-
-
-def _sidecar_unchanged(image_path: str, size: int, mtime: int) -> bool:
-    try:
-        st = os.stat(Path(image_path).with_suffix(".txt"))
-    except (OSError, ValueError):
-        return False
-    return st.st_size == size and st.st_mtime_ns == mtime
-
-
-def _take_sidecar(prep: Preparation, record: dict, row: int | None) -> None:
-    found = sidecar_caption(record["image_path"])
-    if found is None:
-        return
-    caption, st = found
-    stamp = {"source": "sidecar", "text_sha256": provenance.text_sha256(caption),
-             "file": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
-    prov = record.get("provenance") if isinstance(record.get("provenance"), dict) else {}
-    if caption == record.get("caption") and prov.get("caption") == stamp:
-        return
-    target = record if row is None else prep.record(row)
-    journal.apply_update(target, {"caption": caption, "provenance.caption": stamp})
-    prep.tally.enriched.add(target.get("image_id") or target["image_path"])
 
 
 def migrate_records(prep: Preparation) -> None:
@@ -391,7 +390,9 @@ STEPS: list[Step] = [
     absolutize_paths,
     refresh_fingerprints,
     scan_images,
-    apply_sidecar_captions,
+    scan_webdataset,
+    scan_dataset,
+    apply_captions,
     migrate_records,
     rebucket,
     vouch_for_legacy,
@@ -400,10 +401,17 @@ STEPS: list[Step] = [
 
 def prepare_manifest(opts: RunOptions, manifest: Manifest, tally: Tally, steps: list[Step] = STEPS) -> Manifest:
     """Run the steps; one streaming rewrite if anything changed. Returns the manifest as it now is."""
+    from prep.hfdatasets import forget_readers
+
+    forget_readers()  # dataset files replaced since this process last read them must be opened anew
     prep = Preparation(opts, manifest, tally)
     for step in steps:
         step(prep)
     if prep.changed or prep.appended or manifest.rejected:
         manifest = rewrite(manifest, prep.changed, prep.appended)
     journal.clear(opts.manifest)
+    if prep.state_updates:  # only now: a state never claims records the manifest does not hold
+        from prep.ingest import write_state
+
+        write_state(opts.derived_dir, prep.state_updates)
     return manifest

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from prep.fsio import NotARegularFile, open_regular
+from prep.fsio import NotARegularFile
+from prep.sources import SourceError, open_image
 
 # Pillow's own default (about 89.5 MP). Checked here explicitly so a library that sets
 # Image.MAX_IMAGE_PIXELS = None elsewhere in the process cannot switch bomb protection off.
@@ -154,12 +155,14 @@ class _Decoded(NamedTuple):
 def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
     """Decode to upright RGB, keeping the full-resolution size so crop boxes stay in original pixels.
 
+    `path` is any locator (a file, a tar member, a dataset row): `prep.sources.open_image` reads it.
+
     With `draft_to` a big JPEG may be decoded at a reduced scale (see `_apply_jpeg_draft`).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_regular(path) as f, Image.open(f) as opened:
+            with open_image(str(path)) as f, Image.open(f) as opened:
                 _reject_bomb(opened.size)
                 _select_first_frame(opened)
                 original_size = _upright_size(opened)
@@ -170,6 +173,8 @@ def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
         raise
     except NotARegularFile as exc:
         raise ImageDecodeError(str(exc)) from exc
+    except SourceError as exc:
+        raise ImageDecodeError(f"source: {exc}"[:300]) from exc
     except _PILLOW_ERRORS as exc:
         raise ImageDecodeError(_reason(exc)) from exc
 

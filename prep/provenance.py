@@ -57,10 +57,18 @@ def fingerprint(path: str | Path) -> dict:
 
 
 def refresh_fingerprint(path: str | Path, previous: dict | None) -> dict | None:
-    """The file's fingerprint, hashing only when size or mtime differ from `previous`.
+    """The image's fingerprint, hashing only when size or mtime differ from `previous`.
 
-    None when the file is gone (the record keeps its old fingerprint then).
+    Any locator (a file, a tar member, a dataset row: `prep.sources.image_fingerprint`).
+    None when the image is gone (the record keeps its old fingerprint then).
     """
+    from prep.sources import image_fingerprint
+
+    return image_fingerprint(str(path), previous)
+
+
+def refresh_file_fingerprint(path: str | Path, previous: dict | None) -> dict | None:
+    """A local file's fingerprint, hashing only when size or mtime differ from `previous`."""
     try:
         stat = os.stat(path)
     except (OSError, ValueError):

@@ -126,8 +126,15 @@ class LatentDecoder:
         return pixels.permute(1, 2, 0).cpu().numpy()
 
 
-def resolve_image_path(image_path: str, manifest_path: str | Path | None) -> Path:
-    """The record's path as written; a relative one that does not exist is tried beside the manifest."""
+def resolve_image_path(image_path: str, manifest_path: str | Path | None) -> Path | str:
+    """The record's path as written; a relative one that does not exist is tried beside the manifest.
+
+    A locator of a tar member or a dataset row (`prep.sources`) is returned as it is.
+    """
+    from prep.sources import is_uri
+
+    if is_uri(image_path):
+        return image_path
     path = Path(image_path)
     if not path.is_absolute() and not path.exists() and manifest_path is not None:
         beside = Path(manifest_path).parent / path
@@ -143,15 +150,16 @@ def bucket_size(record: dict) -> tuple[int, int] | None:
         return None
 
 
-def original_panel(path: Path | None) -> Panel:
+def original_panel(path: Path | str | None) -> Panel:
     """The upright RGB original (as every pass decodes it), as a thumbnail with the crop box outlined."""
     from PIL import Image
 
     from prep.preprocess import ImageDecodeError, open_rgb
+    from prep.sources import image_exists
 
     if path is None:
         return Panel(flag="record has no image_path")
-    if not path.is_file():
+    if not image_exists(str(path)):
         return Panel(flag=f"image file missing: {path}")
     try:
         image = open_rgb(path)
@@ -163,7 +171,7 @@ def original_panel(path: Path | None) -> Panel:
     return Panel(image=np.asarray(thumb, dtype=np.uint8).copy(), size=(width, height))
 
 
-def crop_panel(record: dict, path: Path | None) -> tuple[Panel, tuple[int, int, int, int] | None]:
+def crop_panel(record: dict, path: Path | str | None) -> tuple[Panel, tuple[int, int, int, int] | None]:
     """The bucket crop the VAE saw and its box in original pixels.
 
     `preprocess.load_bucket_crop(path, width, height)` is the very call the VAE pass's data
@@ -174,7 +182,9 @@ def crop_panel(record: dict, path: Path | None) -> tuple[Panel, tuple[int, int, 
     size = bucket_size(record)
     if size is None:
         return Panel(flag=f"bad aspect_bucket {record.get('aspect_bucket')!r}"), None
-    if path is None or not path.is_file():
+    from prep.sources import image_exists
+
+    if path is None or not image_exists(str(path)):
         return Panel(flag="no image to crop"), None
     try:
         array, box = load_bucket_crop(str(path), width=size[0], height=size[1])

@@ -82,20 +82,19 @@ def _jpeg_has_eoi(data: bytes) -> bool:
     return False
 
 
-def _looks_truncated(path: Path, image_format: str | None) -> bool:
+def _looks_truncated(f, size: int, image_format: str | None) -> bool:
     """Cheap truncation check without decoding: a JPEG must end with EOI, a PNG must verify."""
     if image_format == "JPEG":
-        size = path.stat().st_size
-        with open_regular(path) as f:
-            f.seek(max(0, size - 4096))
-            if b"\xff\xd9" in f.read():
-                return False
-            # No EOI near the end: cut short, or data appended after the image (a phone's
-            # "motion photo" video); only then read the whole file to tell the two apart.
-            f.seek(0)
-            return not _jpeg_has_eoi(f.read())
+        f.seek(max(0, size - 4096))
+        if b"\xff\xd9" in f.read():
+            return False
+        # No EOI near the end: cut short, or data appended after the image (a phone's
+        # "motion photo" video); only then read the whole file to tell the two apart.
+        f.seek(0)
+        return not _jpeg_has_eoi(f.read())
     if image_format == "PNG":
-        with open_regular(path) as f, Image.open(f) as img:
+        f.seek(0)
+        with Image.open(f) as img:
             img.verify()  # reads chunks and CRCs, decodes no pixels; raises if cut short
     return False
 
@@ -109,22 +108,36 @@ def read_image_header(path: str | Path) -> ImageHeader:
         return ImageHeader(path, error="file name is not valid UTF-8")
     try:
         with open_regular(path) as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return ImageHeader(path, error="empty file")
-            header = _header_of(f)
+            return _header_of_open(path, f, os.fstat(f.fileno()).st_size)
     except NotARegularFile:
         return ImageHeader(path, error="not a regular file (FIFO, device or directory)")
+    except OSError as exc:
+        return ImageHeader(path, error=f"unreadable: {exc}")
+
+
+def read_image_header_bytes(data: bytes, label: str) -> ImageHeader:
+    """`read_image_header` of an image held in memory (a tar member, a dataset row); never raises."""
+    import io
+
+    return _header_of_open(Path(label), io.BytesIO(data), len(data))
+
+
+def _header_of_open(path: Path, f, size: int) -> ImageHeader:
+    """The header checks on an open binary file of `size` bytes."""
+    if size == 0:
+        return ImageHeader(path, error="empty file")
+    try:
+        width, height, image_format, orientation = _header_of(f)
     except Image.DecompressionBombError as exc:
         return ImageHeader(path, error=f"decompression bomb: {str(exc).split(' could')[0]}")
     except UnidentifiedImageError:
         return ImageHeader(path, error="not a recognised image")
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         return ImageHeader(path, error=f"unreadable: {exc}")
-    width, height, image_format, orientation = header
     try:
         if width * height > MAX_IMAGE_PIXELS:  # the decoder's limit, so scan and decode agree
             return ImageHeader(path, error=f"decompression bomb: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
-        if _looks_truncated(path, image_format):
+        if _looks_truncated(f, size, image_format):
             return ImageHeader(path, error="truncated file")
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         return ImageHeader(path, error=f"unreadable: {exc}")

@@ -16,6 +16,10 @@ class Tally:
     failed: dict[str, str] = field(default_factory=dict)
     refreshed: dict[str, set[str]] = field(default_factory=dict)  # kind -> ids of stale artifacts redone
     unreadable: int = 0
+    skipped_inputs: dict[str, int] = field(default_factory=dict)  # reason -> samples of an input skipped
+
+    def skip_input(self, reason: str) -> None:
+        self.skipped_inputs[reason] = self.skipped_inputs.get(reason, 0) + 1
 
     def refresh(self, kind: str, image_id: str) -> None:
         self.refreshed.setdefault(kind, set()).add(image_id)
@@ -27,6 +31,8 @@ class Tally:
         for kind, ids in other.refreshed.items():
             self.refreshed.setdefault(kind, set()).update(ids)
         self.unreadable += other.unreadable
+        for reason, count in other.skipped_inputs.items():
+            self.skipped_inputs[reason] = self.skipped_inputs.get(reason, 0) + count
 
     def counts(self, total: int) -> dict[str, int]:
         """Each record counted once: failed > new > migrated > extracted > enriched > skipped."""

@@ -92,3 +92,13 @@ def test_cli_writes_results(tmp_path, monkeypatch) -> None:
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert payload["benchmarks"]["gpu"]["extra"]["measured"] is False
     assert "expected on H100" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_sources_bench_compares_tars_with_files(tmp_path) -> None:
+    from prep.bench.sources_bench import run_sources_bench
+
+    result = run_guarded("sources", lambda: run_sources_bench(12, 1, tmp_path / "cache", tmp_path / "work"))
+    check_result(result)
+    assert result.row("tars: fingerprint + read").baseline == "files: fingerprint + read"
+    assert result.row("tars: fingerprint + read").ratio is not None
+    assert {g.goal.split(",")[0] for g in result.goals} == {"tars vs files"}
