@@ -242,3 +242,14 @@ def test_paths_with_only_the_root_in_common_keep_their_file_name_only(tmp_path):
     _export(data, out := tmp_path / "out")
     assert sorted(m["image_path"] for m in _json_members(out).values()) == [f"{i}.jpg" for i in range(8)]
     assert b"alice" not in _all_tar_bytes(out) and b"bob_disk" not in _all_tar_bytes(out)
+
+
+def test_local_uris_lose_their_private_folders_too() -> None:
+    from prep.export.fields import relative_image_path
+
+    tar = "tar:///home/alice/secret/shards/00001.tar?offset=1536&size=2048#000010012.jpg"
+    assert relative_image_path(tar, ("/home/alice/secret",)) == "tar:shards/00001.tar#000010012.jpg"
+    assert relative_image_path(tar, (), "/home/alice/secret/shards") == "tar:00001.tar#000010012.jpg"
+    row = "hfds:///home/alice/secret/ds/train/12#image"
+    assert relative_image_path(row, ("/home/alice/secret",)) == "hfds:ds/train/12#image"
+    assert relative_image_path("hf://datasets/org/name@abc/train/12#image", ()) == "hf://datasets/org/name@abc/train/12#image"

@@ -64,14 +64,16 @@ def _under(path: str, root: str) -> bool:
 def relative_image_path(path: str, roots: Sequence[str] = (), base: str | None = None) -> str:
     """`path` without the private part: relative to the longest of `roots` holding it, else to `base`.
 
-    A URI ("://") is returned as it is. A path under neither, or whose only common parent is
+    A local URI (a tar member `tar://`, a saved dataset's row `hfds://`) gets the same treatment
+    for its file part (`tar:REL/00001.tar#key.jpg`); any other URI (a Hub row, s3://) is public
+    and returned as it is. A path under neither, or whose only common parent is
     the filesystem root, or that would still climb out with "..", is reduced to its file name
     (what is above an images folder is exactly what must not leak). `roots` are absolute,
     normalised folders; `base` the common parent folder of the paths (absolute or relative,
     like `path`). The result uses "/" separators.
     """
     if "://" in path:
-        return path
+        return _relative_local_uri(path, roots, base)
     norm = os.path.normpath(path)
     root = max((r for r in roots if _under(norm, r)), key=len, default=None)
     if root is None and base is not None and os.path.isabs(base) == os.path.isabs(norm):
@@ -86,6 +88,33 @@ def relative_image_path(path: str, roots: Sequence[str] = (), base: str | None =
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         relative = os.path.basename(norm)
     return relative.replace(os.sep, "/")
+
+
+def _relative_local_uri(uri: str, roots: Sequence[str], base: str | None) -> str:
+    from prep import sources
+
+    kind = sources.scheme_of(uri)
+    if kind == sources.TAR:
+        member = sources.parse_tar(uri)
+        return f"tar:{relative_image_path(member.tar, roots, base)}#{member.member}"
+    if kind == sources.LOCAL_DATASET:
+        row = sources.parse_row(uri)
+        return f"hfds:{relative_image_path(row.dataset, roots, base)}/{row.split}/{row.row}#{row.column}"
+    return uri
+
+
+def _local_part(path: str) -> str | None:
+    """The local file a path names (a tar's or a saved dataset's for their URIs), or None (public URI)."""
+    if "://" not in path:
+        return path
+    from prep import sources
+
+    kind = sources.scheme_of(path)
+    if kind == sources.TAR:
+        return sources.parse_tar(path).tar
+    if kind == sources.LOCAL_DATASET:
+        return sources.parse_row(path).dataset
+    return None
 
 
 def images_roots(metadata: dict) -> tuple[str, ...]:
@@ -139,8 +168,8 @@ class FieldStats:
                 kind = _kind(value)
                 self.kinds.setdefault(key, set()).add(kind)
                 self.present[key] += kind != "null"
-        path = record.get("image_path")
-        if isinstance(path, str) and "://" not in path:
+        path = _local_part(record.get("image_path")) if isinstance(record.get("image_path"), str) else None
+        if path is not None:
             norm = os.path.normpath(path)
             if not any(_under(norm, r) for r in roots):
                 parent = os.path.dirname(norm)
