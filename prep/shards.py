@@ -836,32 +836,26 @@ def load_shards(
         raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
     shards = list_shards(path_or_hub_id, bucket, revision=revision, fs=fs)
     rank, world_size = resolve_rank_world(rank, world_size) if split else (0, 1)
-    if world_size > 1 and even_batches and any(s.samples is None for s in shards):
-        # No index.json (a bare folder): count samples from the tar headers once, here.
-        shards = [
-            s if s.samples is not None else ShardRef(s.bucket, s.url, count_samples(s.url, fs=fs,
-                                                                                  allow_compressed=allow_compressed))
-            for s in shards
-        ]
+    if world_size > 1 and even_batches:
+        shards = _counted(shards, fs, allow_compressed)
     dataset = ShardDataset(
-        shards,
-        shuffle=shuffle,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        batch_size=batch_size,
-        drop_last=drop_last,
-        interleave=interleave,
-        split=split,
-        rank=rank,
-        world_size=world_size,
-        even_batches=even_batches,
-        max_member_bytes=max_member_bytes,
-        allow_compressed=allow_compressed,
-        fs=fs,
+        shards, shuffle=shuffle, seed=seed, shuffle_buffer=shuffle_buffer, batch_size=batch_size,
+        drop_last=drop_last, interleave=interleave, split=split, rank=rank, world_size=world_size,
+        even_batches=even_batches, max_member_bytes=max_member_bytes, allow_compressed=allow_compressed, fs=fs,
     )
     if uncond:
         dataset.uncond = load_uncond(path_or_hub_id, revision=revision, fs=fs)
     return dataset
+
+
+def _counted(shards: list[ShardRef], fs, allow_compressed: bool) -> list[ShardRef]:
+    """Shards with their sample counts: without index.json (a bare folder), counted once from the
+    tar headers, so the epoch can be split evenly across ranks."""
+    return [
+        s if s.samples is not None
+        else ShardRef(s.bucket, s.url, count_samples(s.url, fs=fs, allow_compressed=allow_compressed))
+        for s in shards
+    ]
 
 
 # ------------------------------------------------------------------------ uncond

@@ -228,6 +228,29 @@ def template_run(folder: Path, models: dict[str, Path], templates: int, caption_
     return folder
 
 
+class HardLinker:
+    """Hard links to template files, starting a fresh copy (same bytes and mtime) every 60,000 links."""
+
+    def __init__(self) -> None:
+        self.current: dict[Path, Path] = {}  # template file -> the copy that takes new links
+        self.counts: dict[Path, int] = {}
+
+    def link(self, src: Path, dst: Path) -> None:
+        import shutil
+
+        copy = self.current.get(src)
+        if copy is None or self.counts[copy] >= LINKS_PER_INODE:
+            copy = dst.with_name(f".copy-{len(self.counts)}{src.suffix}")
+            shutil.copy2(src, copy)  # same bytes and mtime: the records' stamps hold
+            self.current[src], self.counts[copy] = copy, 0
+        os.link(copy, dst)
+        self.counts[copy] += 1
+
+    def close(self) -> None:
+        for copy in self.counts:
+            copy.unlink()  # the links keep the inodes; a .copy file would look like a stray side file
+
+
 def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, templates: int = 4,
                        progress: bool = True, caption_tokens: int = 40) -> dict[str, Path]:
     """A finished dataset of `n` records exactly as a real run writes them, cheap on disk.
@@ -235,12 +258,9 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
     The real pipeline (tiny models) runs once on `templates` images; its records (fingerprint,
     four provenance stamps with file stamps, a 77-int mask, a caption: about 1.8 KB each) are
     replicated with new ids and image paths, and every image and side file of a replica is a
-    hard link to the template's (a fresh copy, with the same bytes and mtime, every 60,000
-    links). Reused when `root` already holds a dataset of that size.
+    hard link to the template's. Reused when `root` already holds a dataset of that size.
     """
     import shutil
-
-    import orjson
 
     root = Path(root)
     marker = root / ".bench-real.json"
@@ -252,44 +272,41 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
     shutil.rmtree(root, ignore_errors=True)
     seed_dir = template_run(root.parent / f"real-templates-{templates}-{caption_tokens}", models, templates,
                             caption_tokens)
-    template_records = [orjson.loads(line) for line in (seed_dir / "manifest.jsonl").read_bytes().splitlines()]
-    folders = {k: a.folder for k, a in file_artifacts().items()}
-    for folder in [*folders.values()]:
-        (paths["derived"] / folder).mkdir(parents=True, exist_ok=True)
-    (paths["derived"] / "prep_metadata.json").write_bytes((seed_dir / "derived" / "prep_metadata.json").read_bytes())
-    meta = _read_json(paths["derived"] / "prep_metadata.json")
-    meta["manifest"] = "../manifest.jsonl"
-    meta["images_roots"] = [str(paths["images"])]
+    _copy_metadata(seed_dir, paths)
+    _replicate(seed_dir, paths, n, progress)
+    marker.write_text(json.dumps(params) + "\n")
+    return paths
+
+
+def _copy_metadata(seed_dir: Path, paths: dict[str, Path]) -> None:
+    for artifact in file_artifacts().values():
+        (paths["derived"] / artifact.folder).mkdir(parents=True, exist_ok=True)
+    meta = _read_json(seed_dir / "derived" / "prep_metadata.json")
+    meta.update(manifest="../manifest.jsonl", images_roots=[str(paths["images"])])
     paths["derived"].joinpath("prep_metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    sources: dict[Path, Path] = {}  # template file -> the current copy that takes new links
-    counts: dict[Path, int] = {}
+    uncond = seed_dir / "derived" / "t5_uncond.safetensors"
+    if uncond.exists():
+        os.link(uncond, paths["derived"] / uncond.name)
 
-    def link(src: Path, dst: Path) -> None:
-        copy = sources.get(src)
-        if copy is None or counts[copy] >= LINKS_PER_INODE:
-            copy = dst.with_name(f".copy-{len(counts)}{src.suffix}")
-            shutil.copy2(src, copy)  # same bytes and mtime: the records' stamps hold
-            sources[src], counts[copy] = copy, 0
-        os.link(copy, dst)
-        counts[copy] += 1
 
+def _replicate(seed_dir: Path, paths: dict[str, Path], n: int, progress: bool) -> None:
+    import orjson
     from tqdm.auto import tqdm
 
+    templates = [orjson.loads(line) for line in (seed_dir / "manifest.jsonl").read_bytes().splitlines()]
+    folders = [a.folder for a in file_artifacts().values()]
+    linker = HardLinker()
     with open(paths["manifest"], "wb") as out:
         for i in tqdm(range(n), desc="build dataset", unit="rec", disable=not progress, mininterval=2):
-            template = template_records[i % len(template_records)]
+            template = templates[i % len(templates)]
             image_id = f"img{i:08d}"
             src_image = Path(template["image_path"])
             image = paths["images"] / f"{i // 10_000:04d}" / f"{image_id}{src_image.suffix}"
             if i % 10_000 == 0:
                 image.parent.mkdir(parents=True, exist_ok=True)
-            link(src_image, image)
-            for folder in folders.values():
-                link(seed_dir / "derived" / folder / f"{template['image_id']}.npy",
-                     paths["derived"] / folder / f"{image_id}.npy")
-            record = dict(template, image_id=image_id, image_path=str(image))
-            out.write(orjson.dumps(record) + b"\n")
-    for copy in counts:
-        copy.unlink()  # the links keep the inodes; the .copy files would look like stray side files
-    marker.write_text(json.dumps(params) + "\n")
-    return paths
+            linker.link(src_image, image)
+            for folder in folders:
+                linker.link(seed_dir / "derived" / folder / f"{template['image_id']}.npy",
+                            paths["derived"] / folder / f"{image_id}.npy")
+            out.write(orjson.dumps(dict(template, image_id=image_id, image_path=str(image))) + b"\n")
+    linker.close()

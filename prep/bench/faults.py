@@ -496,16 +496,22 @@ def max_ulp(a: Path, b: Path) -> str:
 
 def compare(ref: Path, work: Path, home: Path | None = None) -> list[str]:
     """Every way `work` differs from the reference `ref` (empty list = identical)."""
-    import tarfile
-
-    from prep.store import read_npy_header
-
-    problems: list[str] = []
     if not (work / "manifest.jsonl").is_file():
         return ["no manifest"]
+    expected = manifest_records(ref)
+    problems = compare_records(ref, work) + compare_files(ref, work) + compare_shards(work, expected)
+    if home is not None and home.is_dir():
+        written = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+        if written:
+            problems.append(f"wrote outside the work dir: {written[:5]}")
+    return problems
+
+
+def compare_records(ref: Path, work: Path) -> list[str]:
+    """The manifests hold the same records, none lost or duplicated (side-file mtimes left out)."""
     from prep.testing import without_file_stamps
 
-    # The side files' mtimes in their stamps differ between any two runs; everything else is compared.
+    problems = []
     records = [without_file_stamps(r, keep_hash=True) for r in manifest_records(work)]
     expected = [without_file_stamps(r, keep_hash=True) for r in manifest_records(ref)]
     ids = [r.get("image_id") for r in records]
@@ -522,6 +528,14 @@ def compare(ref: Path, work: Path, home: Path | None = None) -> list[str]:
         problems.append("manifest records differ in key order")
     if (work / "manifest.jsonl.journal").exists():
         problems.append("journal left behind")
+    return problems
+
+
+def compare_files(ref: Path, work: Path) -> list[str]:
+    """The same file names, no temp file left, every file byte-identical (side files complete)."""
+    from prep.store import read_npy_header
+
+    problems = []
     have, want = listing(work), listing(ref)
     temps = sorted(p for p in have if p.endswith(TMP_MARK))
     if temps:
@@ -541,24 +555,30 @@ def compare(ref: Path, work: Path, home: Path | None = None) -> list[str]:
         elif a.read_bytes() != b.read_bytes():
             extra = f" ({max_ulp(a, b)})" if rel.endswith(".npy") else ""
             problems.append(f"{rel} differs{extra}")
-    keys: list[str] = []
+    return problems
+
+
+def compare_shards(work: Path, expected: list[dict]) -> list[str]:
+    """Every shard readable, every sample complete, each record exported exactly once."""
+    import tarfile
+
+    from prep.export.tarwriter import members
+
+    per_sample = len(members(work / "derived"))
+    problems, keys = [], []
     for tar_path in sorted((work / "shards").glob("bucket_*/*.tar")):
         try:
             with tarfile.open(tar_path) as tar:
-                members = tar.getmembers()
+                found = tar.getmembers()
         except (tarfile.TarError, OSError) as exc:
             problems.append(f"unreadable shard {tar_path.name}: {exc}")
             continue
-        names = [m.name for m in members]
+        names = [m.name for m in found]
         keys += [n[: -len(".json")] for n in names if n.endswith(".json")]
-        if len(names) != 5 * len([n for n in names if n.endswith(".json")]) or not all(m.isreg() for m in members):
+        if len(names) != per_sample * len([n for n in names if n.endswith(".json")]) or not all(m.isreg() for m in found):
             problems.append(f"shard {tar_path.name} has incomplete samples")
     if len(keys) != len(set(keys)) or set(keys) != {r["image_id"] for r in expected}:
         problems.append(f"shards hold {len(keys)} samples ({len(set(keys))} distinct), expected {len(expected)}")
-    if home is not None and home.is_dir():
-        written = sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
-        if written:
-            problems.append(f"wrote outside the work dir: {written[:5]}")
     return problems
 
 
@@ -634,71 +654,89 @@ class TrialResult:
         return not self.problems
 
 
-def run_trial(s: Setup, ref: Reference, index: int, scenario: str, victim: str, rng: random.Random,
-              max_attempts: int = 4) -> TrialResult:
-    root = s.out / f"trials-p{s.procs}" / f"{index:03d}"
-    shutil.rmtree(root, ignore_errors=True)
-    work = root / "work"
-    seed_work(s, work)
-    logs = root / "logs"
-    started = time.monotonic()
-    notes: list[str] = []
+@dataclass
+class FaultPlan:
+    """When and how one trial dies: at a moment of a phase, or at the N-th write of a kind."""
+
+    text: str
+    victim: str
+    in_export: bool
+    fault: str = ""  # "target:stage:N" for the injected hook
+    kill_at: tuple[str, float] | None = None  # (phase, seconds into it)
+
+
+def plan_fault(ref: Reference, scenario: str, victim: str, rng: random.Random) -> FaultPlan:
     kind, what = scenario.split(":", 1)
     in_export = what == "export" or what.startswith("shard")
-    fault, kill_at = "", None
     if kind == "time":
         length = ref.phase_length(what)
         kill_at = (what, rng.uniform(0.0, length))
-        plan = f"kill {victim} {kill_at[1]:.2f}s into {what} (it lasted {length:.1f}s in the reference)"
-    else:
-        target, stage = what.split("-")
-        if victim.startswith("rank") and not ref.rank_writes.get(victim[-1], {}).get(target):
-            victim = "rank0"  # only rank 0 writes the manifest
-        counts = ref.export_writes if in_export else ref.rank_writes.get(victim[-1], {}) if victim.startswith(
-            "rank") else ref.writes
-        total = counts.get(target, 0)
-        n = rng.randint(1, max(1, total))
-        fault = f"{target}:{stage}:{n}"
-        plan = f"die at {target} write {n}/{total} ({'temp complete, not renamed' if stage == 'pre' else 'just renamed'})"
-    action = "self" if victim in ("rank0", "rank1") else "group"
-    killed_env = job_env(s, root, fault, action)
-    if victim in ("rank0", "rank1") and not in_export:
-        killed_env["PREP_FAULT_RANK"] = victim[-1]  # only that rank dies at its N-th write
-    plain_env = job_env(s, root)
-    killed = ""
-    runs = exports = 0
+        text = f"kill {victim} {kill_at[1]:.2f}s into {what} (it lasted {length:.1f}s in the reference)"
+        return FaultPlan(text, victim, in_export, kill_at=kill_at)
+    target, stage = what.split("-")
+    if victim.startswith("rank") and not ref.rank_writes.get(victim[-1], {}).get(target):
+        victim = "rank0"  # only rank 0 writes the manifest
+    counts = ref.export_writes if in_export else ref.rank_writes.get(victim[-1], {}) if victim.startswith(
+        "rank") else ref.writes
+    total = counts.get(target, 0)
+    n = rng.randint(1, max(1, total))
+    text = f"die at {target} write {n}/{total} ({'temp complete, not renamed' if stage == 'pre' else 'just renamed'})"
+    return FaultPlan(text, victim, in_export, fault=f"{target}:{stage}:{n}")
 
-    def until_done(cmd: list[str], first_env: dict | None, first_kill: float | None, log: Path) -> int:
-        nonlocal killed
-        for attempt in range(max_attempts):
+
+@dataclass
+class Attempts:
+    """Runs a command until it succeeds: the first attempt with the fault, the others plain."""
+
+    victim: str
+    plain_env: dict
+    max_attempts: int = 4
+    killed: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def until_done(self, cmd: list[str], first_env: dict | None, first_kill, log: Path) -> int:
+        for attempt in range(self.max_attempts):
             faulty = attempt == 0 and (first_env is not None or first_kill is not None)
-            outcome = launch(cmd, first_env if faulty and first_env else plain_env, log,
-                             kill_at=first_kill if faulty else None, victim=victim)
+            outcome = launch(cmd, first_env if faulty and first_env else self.plain_env, log,
+                             kill_at=first_kill if faulty else None, victim=self.victim)
             if faulty:
-                killed = outcome.killed or (
+                self.killed = outcome.killed or (
                     f"injected (the job exited with rc {outcome.rc})" if outcome.rc else
                     f"nothing (finished in {outcome.seconds:.1f}s)"
                 )
             if outcome.note:
-                notes.append(outcome.note)
+                self.notes.append(outcome.note)
             if outcome.rc == 0 and not (faulty and outcome.killed):
                 return attempt + 1
             if not faulty:
-                notes.append(f"a plain rerun failed with rc {outcome.rc} (see {log})")
-        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} did not complete in {max_attempts} attempts")
+                self.notes.append(f"a plain rerun failed with rc {outcome.rc} (see {log})")
+        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} did not complete in {self.max_attempts} attempts")
 
-    problems: list[str] = []
+
+def run_trial(s: Setup, ref: Reference, index: int, scenario: str, victim: str, rng: random.Random) -> TrialResult:
+    root = s.out / f"trials-p{s.procs}" / f"{index:03d}"
+    shutil.rmtree(root, ignore_errors=True)
+    work = root / "work"
+    seed_work(s, work)
+    started = time.monotonic()
+    plan = plan_fault(ref, scenario, victim, rng)
+    victim = plan.victim
+    killed_env = job_env(s, root, plan.fault, "self" if victim in ("rank0", "rank1") else "group")
+    if victim in ("rank0", "rank1") and not plan.in_export:
+        killed_env["PREP_FAULT_RANK"] = victim[-1]  # only that rank dies at its N-th write
+    tries = Attempts(victim, job_env(s, root))
+    runs = exports = 0
     try:
-        runs = until_done(run_cmd(s, work), killed_env if fault and not in_export else None,
-                          kill_at if not in_export else None, logs / "run.log")
-        exports = until_done(export_cmd(work), killed_env if fault and in_export else None,
-                             kill_at if in_export else None, logs / "export.log")
+        runs = tries.until_done(run_cmd(s, work), killed_env if plan.fault and not plan.in_export else None,
+                                plan.kill_at if not plan.in_export else None, root / "logs" / "run.log")
+        exports = tries.until_done(export_cmd(work), killed_env if plan.fault and plan.in_export else None,
+                                   plan.kill_at if plan.in_export else None, root / "logs" / "export.log")
         problems = compare(ref.work, work, root / "home")
     except RuntimeError as exc:
         problems = [str(exc)]
-    problems += [n for n in notes if n.startswith("a plain rerun failed")]  # a resume must just work
-    return TrialResult(index, scenario, victim, plan, killed, runs, exports, time.monotonic() - started,
-                       problems, notes)
+    problems += [n for n in tries.notes if n.startswith("a plain rerun failed")]  # a resume must just work
+    return TrialResult(index, scenario, victim, plan.text, tries.killed, runs, exports, time.monotonic() - started,
+                       problems, tries.notes)
 
 
 @dataclass

@@ -283,29 +283,13 @@ def render_card(
 
     `metadata`: the derived dir's prep_metadata.json (latent convention, models). `license`:
     the Hub licence id of the card (default "other"). `json_types`: {extra JSON field: "str" |
-    "int" | "float" | "bool"} (default: index["json_types"]); without the type of every field,
-    the `json` member is declared as `Json()`.
+    "int" | "float" | "bool"} (default: index["json_field_types"]); without the type of every
+    field, the `json` member is declared as `Json()`.
     """
     from huggingface_hub import DatasetCard
 
     metadata = metadata or {}
     data = card_data(index, license=license, title=title, json_types=json_types)
-    buckets = index.get("buckets", {})
-    first = next(iter(_buckets(index)), "1024x1024")
-    members = [
-        "| member | content |",
-        "|---|---|",
-        "| `{id}.json` | " + ", ".join(f"`{f}`" for f in index.get("json_fields", [])) + " |",
-        *(f"| `{{id}}.{a.member}` | {_cell(a.description)}, {a.dtype.name} |" for a in exported_artifacts(index)),
-    ]
-    table = ["| config | latent shape | samples | shards | bytes |", "|---|---|---|---|---|"]
-    for bucket, entry in sorted(buckets.items()):
-        shape = tuple(entry.get("vae_shape", ()))
-        table.append(
-            f"| `bucket_{bucket}` | {shape} | {entry.get('samples', 0)} | {entry.get('shards', 0)} | {entry.get('bytes', 0)} |"
-        )
-    dropped = index.get("dropped_fields") or {}
-    options = index.get("options") or {}
     json_is_typed = not _json_declared_as_json(getattr(data, "dataset_info", None) or [])
     parts = [
         f"# {title}",
@@ -314,6 +298,21 @@ def render_card(
         "as WebDataset tar shards, one folder per aspect bucket. All samples of a bucket share one latent shape, "
         "so a batch drawn from one bucket needs no padding.",
         "",
+        *_loading_section(index, json_is_typed),
+        *_members_section(index),
+        *_uncond_section(index),
+        "## Latent convention", "", *_latent_section(metadata), "",
+        "## Models", "", *_models_section(metadata), "",
+        "## Licence", "", *_licence_section(license), "",
+        "## Buckets", "", *_buckets_table(index), "",
+        *_export_section(index),
+    ]
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts)))
+
+
+def _loading_section(index: dict, json_is_typed: bool) -> list[str]:
+    first = next(iter(_buckets(index)), "1024x1024")
+    lines = [
         "## Loading",
         "",
         "```python",
@@ -338,46 +337,52 @@ def render_card(
         "",
     ]
     if not json_is_typed:
-        parts += [
+        lines += [
             "The `json` member is declared as `Json()` (some extra fields have no recorded type), which needs a "
             "`datasets` with the `Json` feature type (5.2 has it); with an older one, load with "
             '`load_dataset("webdataset", data_files={"train": "<repo or folder>/bucket_*/*.tar"})`, which infers '
             "the types.",
             "",
         ]
-    parts += [
+    return lines
+
+
+def _members_section(index: dict) -> list[str]:
+    lines = [
         "## Members of each sample",
         "",
         "The key is the `image_id` (`[A-Za-z0-9_-]`, no dots).",
         "",
-        *members,
+        "| member | content |",
+        "|---|---|",
+        "| `{id}.json` | " + ", ".join(f"`{f}`" for f in index.get("json_fields", [])) + " |",
+        *(f"| `{{id}}.{a.member}` | {_cell(a.description)}, {a.dtype.name} |" for a in exported_artifacts(index)),
         "",
     ]
+    dropped = index.get("dropped_fields") or {}
     if dropped:
-        parts += [
+        lines += [
             "Extra manifest fields not present as one scalar type in every sample were left out of the JSON member: "
             + ", ".join(f"`{_cell(k)}` ({_cell(v)})" for k, v in dropped.items())
             + ".",
             "",
         ]
-    parts += [
-        *_uncond_section(index),
-        "## Latent convention",
-        "",
-        *_latent_section(metadata),
-        "",
-        "## Models",
-        "",
-        *_models_section(metadata),
-        "",
-        "## Licence",
-        "",
-        *_licence_section(license),
-        "",
-        "## Buckets",
-        "",
-        *table,
-        "",
+    return lines
+
+
+def _buckets_table(index: dict) -> list[str]:
+    table = ["| config | latent shape | samples | shards | bytes |", "|---|---|---|---|---|"]
+    for bucket, entry in sorted((index.get("buckets") or {}).items()):
+        shape = tuple(entry.get("vae_shape", ()))
+        table.append(
+            f"| `bucket_{bucket}` | {shape} | {entry.get('samples', 0)} | {entry.get('shards', 0)} | {entry.get('bytes', 0)} |"
+        )
+    return table
+
+
+def _export_section(index: dict) -> list[str]:
+    options = index.get("options") or {}
+    return [
         "## Export",
         "",
         f"Written by `prep export webdataset` (prep {index.get('prep_version', '?')}): "
@@ -387,8 +392,6 @@ def render_card(
         "inputs and seed give byte-identical shards.",
         "",
     ]
-    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
-    return str(card)
 
 
 def _json_declared_as_json(dataset_info) -> bool:

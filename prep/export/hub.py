@@ -294,37 +294,45 @@ def push_export(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)  # None: the library finds HF_TOKEN / the login cache
+    _ensure_repo(api, result, token, private)
+    _upload(api, result, folder, token, commit_message or "Upload prep WebDataset export")
+    return result
 
-    logger.info("creating (if needed) dataset repo %s", repo_id)
+
+def _ensure_repo(api, result: PushResult, token: str | None, private: bool) -> None:
+    """Create the dataset repo (and the branch) when missing; a bare NAME becomes OWNER/NAME."""
+    logger.info("creating (if needed) dataset repo %s", result.repo_id)
     created = _call(
-        "creating the repo", repo_id, token, api.create_repo,
-        repo_id, repo_type=REPO_TYPE, private=True if private else None, exist_ok=True,
+        "creating the repo", result.repo_id, token, api.create_repo,
+        result.repo_id, repo_type=REPO_TYPE, private=True if private else None, exist_ok=True,
     )
-    repo_id = getattr(created, "repo_id", None) or repo_id  # a bare NAME becomes OWNER/NAME
-    result.repo_id, result.url = repo_id, repo_url(repo_id, revision)
-    if revision:
+    repo_id = getattr(created, "repo_id", None) or result.repo_id
+    result.repo_id, result.url = repo_id, repo_url(repo_id, result.revision)
+    if result.revision:
         _call(
-            f"creating branch {revision}", repo_id, token, api.create_branch,
-            repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True,
+            f"creating branch {result.revision}", repo_id, token, api.create_branch,
+            repo_id, branch=result.revision, repo_type=REPO_TYPE, exist_ok=True,
         )
-    message = commit_message or "Upload prep WebDataset export"
+
+
+def _upload(api, result: PushResult, folder: Path, token: str | None, message: str) -> None:
+    """The resumable upload of the selected files (`upload_large_folder` where it exists)."""
     common = dict(
-        repo_id=repo_id,
+        repo_id=result.repo_id,
         folder_path=str(folder),
         repo_type=REPO_TYPE,
-        revision=revision,
-        allow_patterns=list(patterns),
+        revision=result.revision,
+        allow_patterns=list(result.allow_patterns),
         ignore_patterns=list(IGNORE_PATTERNS),
     )
     upload_large = getattr(api, "upload_large_folder", None)
     if callable(upload_large):
         result.method = "upload_large_folder"
-        _call("uploading", repo_id, token, upload_large, **common)
+        _call("uploading", result.repo_id, token, upload_large, **common)
     else:
         result.method = "upload_folder"
-        info = _call("uploading", repo_id, token, api.upload_folder, commit_message=message, **common)
+        info = _call("uploading", result.repo_id, token, api.upload_folder, commit_message=message, **common)
         result.commit = getattr(info, "oid", None)
-    return result
 
 
 def format_push(result: PushResult) -> str:
