@@ -10,7 +10,7 @@ the report count it apart. The rules (defaults in `DEFAULTS`, see the README's C
 - `aspect`: longer than `--max-aspect` : 1, or with `auto` (the default) so elongated that even
   its nearest bucket crops away more than half of it;
 - `duplicate`: the same file content (sha256) as another record;
-- `near_duplicate`: DINOv3 cosine similarity >= `--near-duplicate` (default 0.98) with a kept image.
+- `near_duplicate`: DINOv3 cosine similarity >= `--near-duplicate` (default 0.99) with a kept image.
 
 Of a group of duplicates the largest image stays (ties: the smallest id); `--keep-ids FILE`
 force-keeps ids. Records that cannot be migrated are flagged by the migrate step
@@ -62,7 +62,7 @@ class Rules:
     min_pixels: int = 0
     max_upscale: float | None = 2.0
     max_aspect: float | str | None = "auto"
-    near_duplicate: float | None = 0.98
+    near_duplicate: float | None = 0.99
     keep_ids: str | None = None
 
     def to_json(self) -> dict:

@@ -251,7 +251,7 @@ class CurationRules:
     )
     near_duplicate: str | None = opt(
         None, "flag images whose DINOv3 cosine similarity with a kept, larger image is at least T (default: "
-        "the value last used, else 0.98; 'off' keeps them); exact copies (same sha256) are always flagged", metavar="T", group="curation",
+        "the value last used, else 0.99; 'off' keeps them); exact copies (same sha256) are always flagged", metavar="T", group="curation",
     )
     keep_ids: str | None = opt(
         None, "never flag the image ids listed in FILE (one per line); 'none' forgets a file given before",

@@ -381,11 +381,10 @@ def _sheet(entries, sheets: list[Path], out: Path, records: int, samples: int, s
             f"<td>{flags}</td></tr>"
         )
     table = (
-        '<details open><summary>Sampled records (full captions)</summary><div class="wide-table"><table>'
-        '<colgroup><col style="width:16%"><col style="width:9%"><col style="width:9%"><col style="width:9%">'
-        '<col style="width:39%"><col style="width:18%"></colgroup><thead><tr><th>id</th><th>bucket</th>'
-        '<th>original</th><th class="num">enlarged</th><th>caption</th><th>flags</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div></details>"
+        '<details open><summary>Sampled records (full captions)</summary><div class="wide-table"><table><thead><tr>'
+        '<th style="width:16%">id</th><th style="width:9%">bucket</th><th style="width:9%">original</th>'
+        '<th class="num" style="width:9%">enlarged</th><th style="width:39%">caption</th>'
+        f"<th style=\"width:18%\">flags</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></details>"
         if entries
         else "<p>No records to sample.</p>"
     )
