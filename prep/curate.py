@@ -425,7 +425,7 @@ class NearInfo:
 
     judged: int = 0
     not_judged: int = 0  # no DINOv3 embedding yet (or an unreadable one): judged on a later run
-    pairs: int = 0
+    pairs: int = 0  # duplicates found (each with the kept image it is most similar to)
     seconds: float = 0.0
     skipped: bool = False  # nothing it depends on changed since the last judgement
     digest: str | None = None
@@ -461,12 +461,12 @@ def near_flags(columns: Columns, effective: list, rules: Rules, keep: set[str], 
         pool[index[~ok]] = False
         index, matrix, ids = index[ok], matrix[ok], [i for i, good in zip(ids, ok, strict=True) if good]
     info.judged, info.not_judged = len(index), info.not_judged + int((~ok).sum())
-    pairs = dedup.similar_pairs(matrix, rules.near_duplicate, device=resolve_device(device))
-    info.pairs = len(pairs[0])
     order = dedup.priority_order(ids, columns.pixels[index])
     keep_mask = np.asarray([i in keep for i in ids], dtype=bool)
+    found = dedup.near_duplicates(matrix, order, rules.near_duplicate, keep=keep_mask, device=resolve_device(device))
+    info.pairs = len(found)
     flags = {}
-    for local, (other, similarity) in dedup.keep_greedily(order, pairs, keep_mask).items():
+    for local, (other, similarity) in found.items():
         flags[int(index[local])] = make_flag(
             "near_duplicate", f"DINOv3 cosine similarity {similarity:.3f} with {ids[other]}, which is kept "
             f"(--near-duplicate {rules.near_duplicate:g})", duplicate_of=ids[other], similarity=round(similarity, 4),
@@ -632,7 +632,7 @@ def curate_after_stage(opts, device: str) -> Judgement:
     rules = rules_for(opts, opts.derived_dir)
     manifest = read_manifest(opts.manifest)
     judgement = judge(columns_of_manifest(manifest), rules, derived_dir=opts.derived_dir, near=True, device=device,
-                      workers=getattr(opts, "num_workers", 8) or 1,
+                      workers=max(8, getattr(opts, "num_workers", 0) or 0),  # reader threads: the files are small
                       previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"))
     apply_to_manifest(manifest, judgement)
     write_state(opts.derived_dir, judgement.near.digest if judgement.near else None)
@@ -721,7 +721,7 @@ def judgement_dict(judgement: Judgement, ids: list, *, dry_run: bool) -> dict:
         "lifted": [ids[i] for i in judgement.lifted],
         "updated": [{"image_id": ids[i], **judgement.changes[i]} for i in judgement.updated],
         "near_duplicates": None if near is None else {
-            "judged": near.judged, "not_judged": near.not_judged, "pairs": near.pairs,
+            "judged": near.judged, "not_judged": near.not_judged, "duplicates": near.pairs,
             "seconds": round(near.seconds, 3), "unchanged_since_last_time": near.skipped},
     }  # fmt: skip
 
@@ -740,7 +740,7 @@ def format_judgement(judgement: Judgement, ids: list, *, dry_run: bool) -> str:
         lines.append("  no record is flagged")
     near = judgement.near
     if near is not None and judgement.rules.near_duplicate is not None:
-        how = "unchanged since the last judgement" if near.skipped else f"{near.pairs} similar pairs, {near.seconds:.1f} s"
+        how = "unchanged since the last judgement" if near.skipped else f"{near.pairs} duplicates, {near.seconds:.1f} s"
         lines.append(f"  near duplicates: {near.judged} judged ({how}); {near.not_judged} without a DINOv3 embedding "
                      "yet (judged after their dinov3 pass)")
     verb = ("would flag", "would lift") if dry_run else ("flagged", "lifted")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,42 +40,6 @@ def priority_order(ids: Sequence[str], pixels: np.ndarray) -> np.ndarray:
 
     table = pa.table({"pixels": pa.array(np.asarray(pixels, dtype=np.int64)), "id": pa.array(list(ids), pa.string())})
     return pc.sort_indices(table, sort_keys=[("pixels", "descending"), ("id", "ascending")]).to_numpy()
-
-
-def keep_greedily(
-    order: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], keep: np.ndarray
-) -> dict[int, tuple[int, float]]:
-    """{duplicate index: (index of the kept image it duplicates, similarity)}.
-
-    `order` is the priority order, `pairs` (i, j, similarity) the similar pairs, `keep` a bool
-    array of images that are never flagged (they can still be the image others duplicate).
-    Only images with a similar partner are visited, so a million lone images cost nothing.
-    """
-    left, right, sims = pairs
-    if not len(left):
-        return {}
-    heads = np.concatenate([left, right])
-    tails = np.concatenate([right, left])
-    weights = np.concatenate([sims, sims])
-    by_head = np.argsort(heads, kind="stable")
-    heads, tails, weights = heads[by_head], tails[by_head], weights[by_head]
-    starts = np.searchsorted(heads, np.arange(len(order) + 1))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    linked = np.unique(heads)
-    kept = np.zeros(len(order), dtype=bool)
-    duplicates: dict[int, tuple[int, float]] = {}
-    for node in linked[np.argsort(rank[linked], kind="stable")].tolist():
-        others = tails[starts[node] : starts[node + 1]]
-        similar = weights[starts[node] : starts[node + 1]]
-        chosen = kept[others]
-        if keep[node] or not chosen.any():
-            kept[node] = True
-            continue
-        candidates = np.flatnonzero(chosen)
-        best = candidates[np.lexsort((rank[others[candidates]], -similar[candidates]))[0]]
-        duplicates[node] = (int(others[best]), float(similar[best]))
-    return duplicates
 
 
 # ---------------------------------------------------------------------------- exact
@@ -121,69 +86,121 @@ def screen_dtype(device: str) -> str:
     return "bfloat16" if _cpu_has_bf16() else "float32"
 
 
-def normalize_rows(matrix: np.ndarray) -> np.ndarray:
-    """Unit rows in place (float32); rows of zeros or non-finite values become all zeros (never similar)."""
-    norms = np.linalg.norm(matrix, axis=1)
-    bad = ~np.isfinite(norms) | (norms == 0)
-    norms[bad] = 1.0
-    matrix /= norms[:, None]
-    matrix[bad] = 0.0
+def normalize_rows(matrix: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Unit rows in place (float32), a chunk at a time (no temporary the size of the matrix); rows of
+    zeros or non-finite values become all zeros (never similar to anything)."""
+    for start in range(0, len(matrix), chunk):
+        part = matrix[start : start + chunk]
+        norms = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))
+        bad = ~np.isfinite(norms) | (norms == 0)
+        norms[bad] = 1.0
+        part /= norms[:, None].astype(matrix.dtype)
+        part[bad] = 0.0
     return matrix
 
 
-def iter_similar_blocks(
-    embeddings: np.ndarray, threshold: float, *, device: str = "cpu", query_block: int = QUERY_BLOCK,
-    corpus_block: int = CORPUS_BLOCK,
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Per block of query rows: (rows done, the pairs (i < j) of that block with similarity >= threshold).
+@dataclass
+class _Block:
+    """Candidates (positions in priority order) of one block of queries, and what they cost."""
 
-    `embeddings` must be unit rows (float32). Each block is compared with every later row.
+    rows: list[np.ndarray]
+    cols: list[np.ndarray]
+    products: int = 0
+
+
+def _screen_block(low, kept, start: int, stop: int, threshold: float, margin: float, corpus_block: int) -> _Block:
+    """Low-precision products of rows [start, stop) with every earlier kept row and with each other."""
+    import torch
+
+    block = _Block([], [])
+    queries = low[start:stop]
+    with torch.inference_mode():
+        for corpus_start in range(0, stop, corpus_block):
+            corpus_stop = min(stop, corpus_start + corpus_block)
+            scores = queries @ low[corpus_start:corpus_stop].T
+            hits = scores >= threshold - margin
+            hits &= kept[corpus_start:corpus_stop][None, :] | (
+                torch.arange(corpus_start, corpus_stop, device=low.device)[None, :] >= start)
+            rows, cols = torch.nonzero(hits, as_tuple=True)
+            rows, cols = rows.cpu().numpy() + start, cols.cpu().numpy() + corpus_start
+            earlier = cols < rows  # a row is judged against rows before it in priority order only
+            block.rows.append(rows[earlier])
+            block.cols.append(cols[earlier])
+            block.products += (stop - start) * (corpus_stop - corpus_start)
+    return block
+
+
+def _confirm(exact: np.ndarray, order: np.ndarray, block: _Block, threshold: float, chunk: int = 65536):
+    """The screened candidates again in float32: (row, earlier row, similarity) truly >= threshold."""
+    rows = np.concatenate(block.rows) if block.rows else np.zeros(0, np.int64)
+    cols = np.concatenate(block.cols) if block.cols else np.zeros(0, np.int64)
+    sims = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), chunk):
+        a, b = exact[order[rows[start : start + chunk]]], exact[order[cols[start : start + chunk]]]
+        sims[start : start + chunk] = np.einsum("ij,ij->i", a, b)
+    good = sims >= threshold
+    return rows[good], cols[good], sims[good]
+
+
+def _resolve(rows, cols, sims, kept_flags: np.ndarray, keep: np.ndarray, found: dict) -> None:
+    """Greedy in priority order: a row similar to a kept earlier row is a duplicate of the most similar one."""
+    if not len(rows):
+        return
+    by_row = np.lexsort((cols, -sims, rows))  # per row: most similar first, then the earlier (higher priority)
+    rows, cols, sims = rows[by_row], cols[by_row], sims[by_row]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    for first, last in zip(starts, np.r_[starts[1:], len(rows)], strict=True):
+        row = int(rows[first])
+        if keep[row]:
+            continue
+        for k in range(first, last):
+            if kept_flags[cols[k]]:
+                kept_flags[row] = False
+                found[row] = (int(cols[k]), float(sims[k]))
+                break
+
+
+def iter_near_duplicates(
+    embeddings: np.ndarray, order: np.ndarray, threshold: float, *, keep: np.ndarray | None = None,
+    device: str = "cpu", query_block: int = QUERY_BLOCK, corpus_block: int = CORPUS_BLOCK, first_row: int = 0,
+) -> Iterator[tuple[int, int, dict[int, tuple[int, float]]]]:
+    """Per block of queries (in priority order): (rows done, products computed, {duplicate: (kept, similarity)}).
+
+    `embeddings` are unit float32 rows, `order` their priority order (`priority_order`), `keep` a
+    bool per row that is never flagged. Indices in the answer are rows of `embeddings`. Each row is
+    compared with the kept rows before it only, so memory stays O(N) even when thousands of
+    images are copies of one another (no list of all similar pairs is ever built). `first_row`
+    skips the first rows, treating them as kept (benchmarks: measure the most expensive blocks).
     """
     import torch
 
-    dtype_name = screen_dtype(device)
-    margin = SCREEN_MARGIN[dtype_name]
-    low = torch.from_numpy(embeddings).to(device=device, dtype=getattr(torch, dtype_name))
-    exact = torch.from_numpy(embeddings)
     n = len(embeddings)
-    for start in range(0, n, query_block):
+    dtype_name = screen_dtype(device)
+    keep = np.zeros(n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)[order]
+    low = torch.empty((n, embeddings.shape[1]), dtype=getattr(torch, dtype_name), device=device)
+    for start in range(0, n, CORPUS_BLOCK):  # the low-precision copy, made in priority order chunk by chunk
+        low[start : start + CORPUS_BLOCK] = torch.from_numpy(embeddings[order[start : start + CORPUS_BLOCK]]).to(
+            device=device, dtype=low.dtype)
+    kept_flags = np.ones(n, dtype=bool)  # positions in priority order; flagged rows are set False
+    kept = torch.ones(n, dtype=torch.bool, device=device)
+    for start in range(first_row - first_row % query_block, n, query_block):
         stop = min(n, start + query_block)
-        found = []
-        with torch.inference_mode():
-            queries = low[start:stop]
-            for corpus_start in range(start, n, corpus_block):
-                scores = queries @ low[corpus_start : corpus_start + corpus_block].T
-                rows, cols = torch.nonzero(scores >= threshold - margin, as_tuple=True)
-                rows, cols = rows.cpu().numpy() + start, cols.cpu().numpy() + corpus_start
-                upper = cols > rows
-                found.append((rows[upper], cols[upper]))
-        yield stop, _confirm(exact, found, threshold)
+        block = _screen_block(low, kept, start, stop, threshold, SCREEN_MARGIN[dtype_name], corpus_block)
+        found: dict[int, tuple[int, float]] = {}
+        _resolve(*_confirm(embeddings, order, block, threshold), kept_flags, keep, found)
+        if found:
+            kept[torch.from_numpy(np.fromiter(found, dtype=np.int64)).to(device)] = False
+        yield stop, block.products, {int(order[r]): (int(order[c]), s) for r, (c, s) in found.items()}
 
 
-def _confirm(exact, found: list[tuple[np.ndarray, np.ndarray]], threshold: float):
-    """The screened candidates again in float32: only pairs truly at or above the threshold."""
-    import torch
-
-    left = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-    right = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
-    if not len(left):
-        return _no_pairs()
-    li, ri = torch.from_numpy(left.astype(np.int64)), torch.from_numpy(right.astype(np.int64))
-    sims = (exact[li] * exact[ri]).sum(dim=1).numpy()
-    good = sims >= threshold
-    return left[good].astype(np.int64), right[good].astype(np.int64), sims[good].astype(np.float32)
-
-
-def similar_pairs(
-    embeddings: np.ndarray, threshold: float, *, device: str = "cpu", progress: Callable[[int], None] | None = None,
-    **blocks,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair (i < j) of unit rows with cosine similarity >= threshold, as (i, j, similarity)."""
-    parts = []
-    for done, pairs in iter_similar_blocks(embeddings, threshold, device=device, **blocks):
-        parts.append(pairs)
+def near_duplicates(
+    embeddings: np.ndarray, order: np.ndarray, threshold: float, *, keep: np.ndarray | None = None,
+    device: str = "cpu", progress: Callable[[int], None] | None = None, **blocks,
+) -> dict[int, tuple[int, float]]:
+    """{duplicate row: (the kept row it is most similar to, cosine similarity)} (see `iter_near_duplicates`)."""
+    found: dict[int, tuple[int, float]] = {}
+    for done, _, part in iter_near_duplicates(embeddings, order, threshold, keep=keep, device=device, **blocks):
+        found.update(part)
         if progress is not None:
             progress(done)
-    if not parts:
-        return _no_pairs()
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+    return found

@@ -197,17 +197,32 @@ def test_near_duplicates_judge_only_records_with_an_embedding(tmp_path: Path) ->
 
 
 # ----------------------------------------------------------------------------- duplicate math
+def reference_greedy(emb: np.ndarray, order: np.ndarray, threshold: float, keep=()) -> dict[int, int]:
+    """The rule written out: in priority order, a row similar to a kept one duplicates the most similar."""
+    sims = emb.astype(np.float64) @ emb.astype(np.float64).T
+    kept, found = [], {}
+    for row in order.tolist():
+        similar = [k for k in kept if sims[row, k] >= threshold]
+        if similar and row not in keep:
+            found[row] = max(similar, key=lambda k: (sims[row, k], -kept.index(k)))
+        else:
+            kept.append(row)
+    return found
+
+
+def chain(*sims: float) -> np.ndarray:
+    """Unit vectors in a plane whose neighbours have the given cosines (a -> b -> c ...)."""
+    angles = np.concatenate([[0.0], np.cumsum(np.arccos(sims))])
+    return np.stack([np.cos(angles), np.sin(angles), *np.zeros((6, len(angles)))], axis=1).astype(np.float32)
+
+
 def test_greedy_keeps_the_largest_and_never_chains() -> None:
-    # a ~ b, b ~ c, but a and c are not similar: b duplicates a; c stays (it does not look like a)
-    order = np.asarray([0, 1, 2])
-    pairs = (np.asarray([0, 1]), np.asarray([1, 2]), np.asarray([0.99, 0.99], np.float32))
-    assert dedup.keep_greedily(order, pairs, np.zeros(3, bool)) == {1: (0, pytest.approx(0.99))}
-    # the kept image a duplicate names is the most similar kept one
-    pairs = (np.asarray([0, 1, 2]), np.asarray([3, 3, 3]), np.asarray([0.97, 0.99, 0.98], np.float32))
-    assert dedup.keep_greedily(np.arange(4), pairs, np.zeros(4, bool)) == {3: (1, pytest.approx(0.99))}
-    # a force-kept image stays even next to a kept one
-    keep = np.asarray([False, False, False, True])
-    assert dedup.keep_greedily(np.arange(4), pairs, keep) == {}
+    emb = chain(0.995, 0.995)  # a ~ b, b ~ c, but a and c (0.98) are not: b duplicates a, c stays
+    found = dedup.near_duplicates(emb, np.arange(3), 0.99)
+    assert {k: v[0] for k, v in found.items()} == {1: 0}
+    assert dedup.near_duplicates(emb, np.asarray([1, 0, 2]), 0.99).keys() == {0, 2}  # b first: a and c duplicate it
+    kept_b = dedup.near_duplicates(emb, np.arange(3), 0.99, keep=np.asarray([False, True, False]))
+    assert {k: v[0] for k, v in kept_b.items()} == {2: 1}  # b is force-kept: never flagged, and c duplicates it
 
 
 def test_priority_is_the_largest_image_then_the_smallest_id() -> None:
@@ -216,31 +231,28 @@ def test_priority_is_the_largest_image_then_the_smallest_id() -> None:
 
 
 @pytest.mark.parametrize("blocks", [{"query_block": 64, "corpus_block": 100}, {}])
-def test_similar_pairs_equals_brute_force(blocks) -> None:
+def test_near_duplicates_equal_the_rule_written_out(blocks) -> None:
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(700, 64)).astype(np.float32)
-    for a, b in ((3, 650), (10, 11), (64, 65), (99, 100), (500, 2)):  # across block edges
+    for a, b in ((3, 650), (10, 11), (64, 65), (99, 100), (500, 2), (650, 651), (11, 12)):  # across block edges
         emb[b] = emb[a] + rng.normal(scale=0.05, size=64)
+    emb[200:260] = emb[199] + rng.normal(scale=0.01, size=(60, 64))  # a dense cluster: 61 near-identical images
     emb = dedup.normalize_rows(emb)
-    sims = emb @ emb.T
-    for threshold in (0.95, 0.5, 0.3):
-        left, right, found = dedup.similar_pairs(emb, threshold, **blocks)
-        got = {(int(i), int(j)) for i, j in zip(left, right, strict=True)}
-        expected = {(i, j) for i, j in zip(*np.nonzero(np.triu(sims >= threshold, k=1)), strict=True)}
-        borderline = {(i, j) for i, j in zip(*np.nonzero(np.triu(np.abs(sims - threshold) < 1e-5, k=1)), strict=True)}
-        assert got - borderline == expected - borderline and len(got) == len(left)
-        np.testing.assert_allclose(found, sims[left, right], atol=1e-5)
-        assert (left < right).all()
+    order = rng.permutation(len(emb))
+    keep = {int(order[300])}
+    for threshold in (0.99, 0.95, 0.5):
+        found = dedup.near_duplicates(emb, order, threshold, keep=np.isin(np.arange(len(emb)), list(keep)), **blocks)
+        expected = reference_greedy(emb, order, threshold, keep)
+        assert {k: v[0] for k, v in found.items()} == expected, threshold
+        for row, (kept, similarity) in found.items():
+            assert similarity == pytest.approx(float(emb[row] @ emb[kept]), abs=1e-5) and similarity >= threshold
 
 
-def test_zero_and_non_finite_rows_are_never_similar() -> None:
+def test_zero_and_non_finite_rows_are_never_duplicates() -> None:
     emb = np.ones((3, 8), np.float32)
     emb[1] = 0
     emb[2, 0] = np.nan
-    left, right, _ = dedup.similar_pairs(dedup.normalize_rows(emb), 0.0)
-    assert list(zip(left.tolist(), right.tolist(), strict=True)) in ([(0, 1), (0, 2), (1, 2)], [])  # sims 0 >= 0
-    left, _, _ = dedup.similar_pairs(dedup.normalize_rows(emb), 0.5)
-    assert len(left) == 0
+    assert dedup.near_duplicates(dedup.normalize_rows(emb), np.arange(3), 0.5) == {}
 
 
 # ----------------------------------------------------------------------------- with tiny models
@@ -519,9 +531,12 @@ def test_prune_killed_at_any_moment_loses_nothing_and_duplicates_nothing(stage1:
 
 def test_planted_near_duplicates_are_found_in_random_embeddings() -> None:
     """The benchmark's own check, small: planted pairs at cosine ~0.99 among random 1024-d vectors."""
-    from prep.bench.curate_bench import planted_embeddings
+    from prep.bench.curate_bench import measure, planted_embeddings
 
     emb, planted = planted_embeddings(3000, 1024, pairs=20, seed=1)
-    left, right, sims = dedup.similar_pairs(emb, 0.98)
-    assert {(int(a), int(b)) for a, b in zip(left, right, strict=True)} == planted
-    assert (sims >= 0.98).all() and (sims < 0.999).all()
+    found = dedup.near_duplicates(emb, np.arange(3000), 0.98)
+    assert {(min(k, v[0]), max(k, v[0])) for k, v in found.items()} == planted
+    assert all(0.98 <= s < 0.999 for _, s in found.values())
+    run = measure(9000, None, "cpu")
+    assert run["planted_found"] == run["planted_expected"] == 100 and run["false_flags"] == 0
+    assert run["products"] == run["total_products"]
