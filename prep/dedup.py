@@ -1,17 +1,18 @@
 """Finding duplicates: identical files by sha256, near-identical images by DINOv3 cosine similarity.
 
-Near duplicates are found exactly (every pair is compared, no index that could miss one) with
-chunked matrix products in torch, so memory stays bounded at any size: the embeddings are held
-once in a low-precision copy on the device (2 GB for 1M x 1024 in bf16/fp16) and compared block
-by block, upper triangle only. Pairs above `threshold - margin` in low precision (the margin
-bounds the rounding error of unit vectors) are checked again in float32, so the answer is the
-float32 answer. Cost: N^2/2 dot products (1M embeddings: 1e15 FLOP, seconds on a GPU; see
-`python -m prep.bench curate` for this machine).
-
 Which image of a group stays is decided greedily in priority order (the largest image first,
-ties by id): an image is a duplicate when it is similar to an image already kept, so every
-flagged image names a kept one it is itself similar to (no chains of "A looks like B looks
-like C").
+ties by the smallest id): an image is a duplicate when it is similar to an image already kept,
+and it names the kept image it is most similar to. So every flagged image looks like the one it
+names (no chains of "A looks like B looks like C"), and force-kept images are never flagged.
+
+Near duplicates are found exactly (no index that could miss one): the embeddings, sorted by
+priority, go through chunked matrix products in torch, a block of rows at a time against every
+kept row before it. Memory stays bounded at any size: the float32 rows and one low-precision
+copy on the device (2 GB for 1M x 1024 in bf16/fp16), and per block only its candidates, so
+even thousands of copies of one picture never build a quadratic list of pairs. Candidates above
+`threshold - margin` in low precision (the margin bounds the rounding error of unit vectors)
+are checked again in float32, so the answer is the float32 answer. Cost: about N^2/2 dot
+products (1M embeddings: 1e15 FLOP; `python -m prep.bench curate` measures this machine).
 """
 
 from __future__ import annotations

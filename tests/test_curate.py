@@ -400,6 +400,14 @@ def test_curate_command_dry_run_apply_and_idempotence(copy: Path, capsys) -> Non
     assert sorted(result["lifted"]) == ["animated", "gray16"]
     assert [(f["image_id"], f["reason"]) for f in result["flagged"]] == [("pano", "aspect")]
     assert flags_of(copy) == EXPECTED
+    keep = copy / "keep.txt"
+    keep.write_text("# ours\ntiny\nrgb_square\n")
+    assert main(["curate", *paths, "--keep-ids", str(keep)]) == 0
+    assert flags_of(copy) == {"pano": "aspect", "landscape_small": "near_duplicate"}
+    assert main(["curate", *paths]) == 0  # the keep file is remembered too
+    assert "tiny" not in flags_of(copy)
+    assert main(["curate", *paths, "--keep-ids", "none"]) == 0
+    assert flags_of(copy) == EXPECTED
 
 
 def test_curate_waits_for_no_one(copy: Path, capsys) -> None:
@@ -531,7 +539,7 @@ def test_prune_killed_at_any_moment_loses_nothing_and_duplicates_nothing(stage1:
 
 def test_planted_near_duplicates_are_found_in_random_embeddings() -> None:
     """The benchmark's own check, small: planted pairs at cosine ~0.99 among random 1024-d vectors."""
-    from prep.bench.curate_bench import measure, planted_embeddings
+    from prep.bench.curate_bench import measure, planted_embeddings, run_curate_bench
 
     emb, planted = planted_embeddings(3000, 1024, pairs=20, seed=1)
     found = dedup.near_duplicates(emb, np.arange(3000), 0.98)
@@ -540,3 +548,7 @@ def test_planted_near_duplicates_are_found_in_random_embeddings() -> None:
     run = measure(9000, None, "cpu")
     assert run["planted_found"] == run["planted_expected"] == 100 and run["false_flags"] == 0
     assert run["products"] == run["total_products"]
+    result = run_curate_bench((3000, 20000), device="cpu")  # the benchmark itself, tiny: children, rows, goal
+    assert result.status == "ok" and [g.met for g in result.goals] == [True]
+    assert result.value("20,000 embeddings: near-duplicate search") > 0 and "extrapolated" in result.row(
+        "20,000 embeddings: near-duplicate search").note
