@@ -171,7 +171,9 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         sub, "run", cmd_run, RunOptions,
         "scan, migrate, caption and encode (same as `accelerate launch prep/run.py`)",
         "The main job: scan --images for new files, migrate old records, then caption (where missing), T5, "
-        "DINOv3 and VAE passes; resumable (kill it and run it again), on every GPU under `accelerate launch`.",
+        "DINOv3 and VAE passes; resumable (kill it and run it again), on every GPU under `accelerate launch`. "
+        "Images that would hurt training (too small for their bucket, too elongated, duplicates) are flagged, "
+        "never deleted, and get no model pass (see the curation options and `prep curate`).",
     )
     for action in parser._actions:
         if action.dest == "pass_":

@@ -12,6 +12,8 @@ Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
    `Dataset.map` that encodes and writes (`prep.passes`). Record updates go to per-rank
    journals; the main rank folds them into the manifest after each pass (and every
    `--checkpoint-minutes` during one) with a streaming rewrite.
+4. Right after the DINOv3 pass the main rank judges near duplicates (`prep.curate`), so the
+   VAE and T5 passes skip the records it flags; the other ranks wait at a barrier.
 
 Resume comes from files on disk (stamped side files, journals), never from the `datasets`
 cache. No collective runs during long work, only between passes.
