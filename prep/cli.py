@@ -17,8 +17,10 @@ from pathlib import Path
 from prep import __version__
 from prep.errors import UserError
 from prep.options import (
+    CurateOptions,
     DemoOptions,
     ExportOptions,
+    PruneOptions,
     PushOptions,
     ReportOptions,
     RunOptions,
@@ -108,6 +110,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from prep.curate import curate_dataset, format_judgement, judgement_dict
+
+    opts = from_namespace(CurateOptions, args)
+    judgement, ids = curate_dataset(opts)
+    if opts.json:
+        print(json.dumps(judgement_dict(judgement, ids, dry_run=opts.dry_run), indent=2))
+    else:
+        print(format_judgement(judgement, ids, dry_run=opts.dry_run))
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from prep.prune import format_prune, prune
+
+    opts = from_namespace(PruneOptions, args)
+    print(format_prune(prune(opts.manifest, opts.reason, dry_run=opts.dry_run)))
+    return EXIT_OK
+
+
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from prep.testing import make_tiny_models
 
@@ -149,8 +171,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         sub, "run", cmd_run, RunOptions,
         "scan, migrate, caption and encode (same as `accelerate launch prep/run.py`)",
         "The main job: scan the inputs (--images, --dataset, --webdataset) for new images, take the captions "
-        "you have (--captions), migrate old records, then caption (where missing), T5, "
-        "DINOv3 and VAE passes; resumable (kill it and run it again), on every GPU under `accelerate launch`.",
+        "you have (--captions), migrate old records, flag images that would hurt training (too small for their "
+        "bucket, too elongated, duplicates: never deleted, no model pass; see the curation options and `prep "
+        "curate`), then the caption (where missing), DINOv3, VAE and T5 passes; resumable (kill it and run it "
+        "again), on every GPU under `accelerate launch`.",
     )
     for action in parser._actions:
         if action.dest == "pass_":
@@ -187,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Create the dataset repo (and the branch for --revision) if needed and upload the export folder with "
         "huggingface_hub's resumable multi-commit upload; rerun to resume an interrupted push. The token comes "
         "from --token-env, else HF_TOKEN or the `hf auth login` cache; it is never printed.",
+    )
+    _command(
+        sub, "curate", cmd_curate, CurateOptions,
+        "flag images that would hurt training (too small, too elongated, duplicates); --dry-run shows a table",
+        "Apply the curation rules to an existing dataset: flag (never delete) records whose image is too "
+        "small, must be enlarged too much or cropped too much for its bucket, or duplicates a kept image "
+        "(same sha256, or DINOv3 cosine similarity above --near-duplicate). Flagged records get no model "
+        "pass and are not exported; changing a threshold and running again lifts or sets exactly the flags "
+        "it decides. Settings given here are kept in prep_metadata.json for later runs.",
+    )
+    _command(
+        sub, "prune", cmd_prune, PruneOptions,
+        "move flagged records to <manifest>.pruned.jsonl (never deletes; e.g. Stage-1 records that cannot migrate)",
+        "Move the records flagged `filtered` (all, or those of --reason) out of the manifest into "
+        "<manifest>.pruned.jsonl, line for line. The side manifest is written (fsynced) before the manifest "
+        "is rewritten, so an interrupted prune loses nothing and a rerun duplicates nothing; later scans of "
+        "--images do not bring the pruned images back.",
     )
     _command(sub, "report", cmd_report, ReportOptions,
              "write an HTML report: counts, charts and a contact sheet of sampled records")

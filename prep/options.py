@@ -229,6 +229,39 @@ class Parallel:
 
 
 @dataclass
+class CurationRules:
+    """Which images the run says no to (flags, never deletes; see prep.curate and the README).
+
+    Every value is sticky: unset here means the value kept in prep_metadata.json by the last run
+    or `prep curate`, else the default.
+    """
+
+    min_side: int | None = opt(
+        None, "flag images whose shorter side is under PX pixels (default: the value last used, else 0 = off)", metavar="PX", group="curation"
+    )
+    min_pixels: int | None = opt(
+        None, "flag images with fewer than N pixels, width x height (default: the value last used, else 0 = off)", metavar="N", group="curation"
+    )
+    max_upscale: str | None = opt(
+        None, "flag images that must be enlarged more than X times to cover their bucket (default: the value last used, "
+        "else 2; 'off' allows any)",
+        metavar="X", group="curation",
+    )
+    max_aspect: str | None = opt(
+        None, "flag images longer than R:1 (default: the value last used, else auto = when even the nearest "
+        "bucket crops away more than half of the image; 'off' allows any)", metavar="R", group="curation",
+    )
+    near_duplicate: str | None = opt(
+        None, "flag images whose DINOv3 cosine similarity with a kept, larger image is at least T (default: "
+        "the value last used, else 0.99; 'off' keeps them); exact copies (same sha256) are always flagged", metavar="T", group="curation",
+    )
+    keep_ids: str | None = opt(
+        None, "never flag the image ids listed in FILE (one per line); 'none' forgets a file given before",
+        metavar="FILE", group="curation",
+    )
+
+
+@dataclass
 class ModelChoice:
     """One stage's model: a Hub id or a folder, an optional pinned revision and subfolder."""
 
@@ -238,7 +271,7 @@ class ModelChoice:
 
 
 @dataclass
-class RunOptions(Logging, Parallel, DatasetPaths):
+class RunOptions(CurationRules, Logging, Parallel, DatasetPaths):
     """Everything the main job (`prep run`, `prep/run.py`) needs; also buildable from Python."""
 
     images: Path | None = opt(
@@ -545,3 +578,23 @@ class DemoOptions(Logging):
     dir: Path = opt(Path("prep-demo"), "folder for the demo's images, models, dataset, shards and report",
                     positional=True)
     seed: int = opt(0, "seed of the generated images and models")
+
+
+@dataclass
+class CurateOptions(CurationRules, Logging, Parallel, DatasetPaths):
+    """`prep curate`: apply the curation rules to an existing dataset (flags, never deletes)."""
+
+    dry_run: bool = opt(False, "print the table of what would be flagged or lifted; write nothing")
+    device: str = opt("auto", "device for the near-duplicate products (auto: a GPU when there is one)")
+    json: bool = opt(False, "print the result as JSON (every flagged record with its reason)")
+
+
+@dataclass
+class PruneOptions(Logging, DatasetPaths):
+    """`prep prune`: move flagged records to a side manifest (never deletes)."""
+
+    reason: list[str] = opt(
+        None, "move only records flagged for these reasons; repeatable or a comma list (default: every flagged "
+        "record)", metavar="REASON[,REASON...]",
+    )
+    dry_run: bool = opt(False, "count what would move; write nothing")

@@ -12,6 +12,8 @@ Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
    `Dataset.map` that encodes and writes (`prep.passes`). Record updates go to per-rank
    journals; the main rank folds them into the manifest after each pass (and every
    `--checkpoint-minutes` during one) with a streaming rewrite.
+4. Right after the DINOv3 pass the main rank judges near duplicates (`prep.curate`), so the
+   VAE and T5 passes skip the records it flags; the other ranks wait at a barrier.
 
 Resume comes from files on disk (stamped side files, journals), never from the `datasets`
 cache. No collective runs during long work, only between passes.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep import journal, provenance, stages, store
+from prep.curate import AFTER_STAGE
 from prep.errors import UserError
 from prep.fsio import LockedError, acquire_lock, release_lock, sweep_temp_files
 from prep.manifest import cache_file, read_manifest, resolve_manifest_path
@@ -101,6 +104,9 @@ def check_inputs(opts: RunOptions) -> None:
         raise RunError("batch sizes must be >= 1")
     if opts.pass_ not in ("all", "migrate", *stages.STAGES):
         raise RunError(f"--pass {opts.pass_}: choose all, migrate or one of {', '.join(stages.STAGES)}")
+    from prep.curate import check_given
+
+    check_given(opts)
 
 
 def check_source_options(opts: RunOptions) -> None:
@@ -337,6 +343,16 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
     return stats
 
 
+def judge_near_duplicates(opts: RunOptions, state) -> None:
+    """Main rank, right after the DINOv3 pass and before the VAE's: flag near duplicates (`prep.curate`),
+    so the expensive passes skip them. The other ranks wait at the barrier."""
+    if state.is_main_process:
+        from prep.curate import curate_after_stage
+
+        curate_after_stage(opts, device_for(opts, state))
+    state.wait_for_everyone()
+
+
 def _ids_of(*, todo_source, refreshed: dict[int, dict]):
     """(image_id, new file stamp) for refreshed rows (same bytes, new mtime)."""
     rows = set(refreshed)
@@ -458,7 +474,11 @@ def run_job(opts: RunOptions) -> RunSummary:
             bind_derived_dir(opts)
             prepare(opts, tally)
         state.wait_for_everyone()
-        passes = [run_stage(stage, opts, state, models, tally) for stage in opts.selected_stages()]
+        passes = []
+        for stage in opts.selected_stages():
+            passes.append(run_stage(stage, opts, state, models, tally))
+            if stage.name == AFTER_STAGE:
+                judge_near_duplicates(opts, state)
         merged = gather_tallies(state, tally)
         code, counts = 0, {}
         if state.is_main_process:
@@ -474,7 +494,11 @@ def run_job(opts: RunOptions) -> RunSummary:
 
 
 def report(opts: RunOptions, tally: Tally, counts: dict, elapsed: float) -> None:
+    from prep.curate import filtered_line
+
     print(progress_line(counts, (counts["total"] - counts["skipped"]) / max(elapsed, 1e-9)), flush=True)
+    if line := filtered_line(read_manifest(opts.manifest)):
+        print(line, flush=True)
     if line := refreshed_line(tally):
         print(line, flush=True)
     if tally.unreadable:

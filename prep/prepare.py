@@ -13,13 +13,16 @@ streaming rewrite at the end. The steps, in order:
 4. `scan_images`: new files under `--images` become records; a file already in the manifest
    (by path, or by device and inode: a symlinked folder, a hard link) never gets a second one;
    `scan_webdataset` and `scan_dataset` do the same for `--webdataset` tars and a `--dataset`
-   (`prep.ingest`: new samples become records, changed ones are updated);
+   (`prep.ingest`: new samples become records, changed ones are updated); records set aside by
+   `prep prune` are not brought back;
 5. `apply_captions`: the `--captions` source (metadata file, sidecar, file name, instance
    prompt; `prep.captions`) gives records without a caption theirs (the user's, never
    regenerated); an edited sidecar or metadata file replaces the caption it gave;
-6. `migrate_records`: v0/v1 records become v2 (see `prep.migrate`);
+6. `migrate_records`: v0/v1 records become v2 (see `prep.migrate`); one that cannot is flagged;
 7. `rebucket`: records move to the nearest bucket of the current set;
-8. `vouch_for_legacy`: artifacts of records from before provenance (no `provenance` field) are
+8. `curate_records`: the size rules and exact duplicates flag (or lift the flags of) records
+   (`prep.curate`; near duplicates are judged after the DINOv3 pass);
+9. `vouch_for_legacy`: artifacts of records from before provenance (no `provenance` field) are
    adopted as `unknown` - their own manifest vouches for them - and stamps of the previous
    format get their file stamp.
 """
@@ -213,6 +216,7 @@ def _member_moved(prep: Preparation, row: int, locator: str, containers: dict) -
 def scan_images(prep: Preparation) -> None:
     """Records for images under `--images` that the manifest does not know yet."""
     from prep.progress import progress
+    from prep.prune import pruned_keys
     from prep.scan import assign_image_ids, iter_image_paths, read_headers, relative_key
 
     opts = prep.opts
@@ -221,6 +225,8 @@ def scan_images(prep: Preparation) -> None:
     root = Path(os.path.abspath(opts.images))
     known = {os.path.normpath(p) for p in prep.column("image_path")}
     known.update(os.path.normpath(p) for p in (r["image_path"] for r in prep.changed.values()))
+    pruned_paths, pruned_ids = pruned_keys(opts.manifest)  # set aside by `prep prune`: not brought back
+    known |= pruned_paths
     candidates = []
     for path in progress(iter_image_paths(root), desc="scan", unit="file"):
         if path in known or os.path.normpath(path) in known:
@@ -238,7 +244,7 @@ def scan_images(prep: Preparation) -> None:
             logger.warning("skipped %s: %s", header.path, header.error)
         else:
             readable.append(header)
-    taken = set(prep.column("image_id")) - {None}
+    taken = (set(prep.column("image_id")) | pruned_ids) - {None}
     ids = assign_image_ids([relative_key(h.path, root) for h in readable], taken)
     buckets = opts.bucket_list()
     for header, image_id in zip(readable, ids, strict=True):
@@ -282,12 +288,40 @@ def migrate_records(prep: Preparation) -> None:
         result = migrate_record(record, opts.derived_dir, new_ids.get(record["image_path"]), buckets)
         label = result.record.get("image_id") or record["image_path"]
         if result.status == FAILED:
-            prep.tally.failed[label] = f"migrate: {result.reason}"
-            logger.warning("not migrated %s: %s", record["image_path"], result.reason)
+            flag_unmigratable(prep, row, record, result.reason)
         elif result.status in (MIGRATED, EXTRACTED):
-            prep.changed[row] = result.record
+            prep.changed[row] = lift_migrate_flag(result.record)
             (prep.tally.migrated if result.status == MIGRATED else prep.tally.extracted).add(label)
             logger.debug("%s %s -> v2", result.status, label)
+
+
+def flag_unmigratable(prep: Preparation, row: int, record: dict, reason: str) -> None:
+    """A record that cannot become v2 is flagged (`unmigratable`, or `image_missing` when its image is
+    gone), so runs and verify count it apart; it is tried again on every run, and `prep prune` moves it aside."""
+    from prep.curate import make_flag, may_flag
+
+    path = record["image_path"]
+    kind = "image_missing" if not is_uri(path) and not os.path.exists(path) else "unmigratable"
+    flag = make_flag(kind, reason)
+    if not may_flag(record):  # the record carries a `filtered` value of its own: counted as failed, as before
+        prep.tally.failed[record.get("image_id") or path] = f"migrate: {reason}"
+        logger.warning("not migrated %s: %s", path, reason)
+        return
+    if record.get("filtered") == flag:
+        logger.debug("still not migrated %s: %s", path, reason)
+        return
+    prep.record(row)["filtered"] = flag
+    logger.warning("not migrated %s: %s (flagged filtered: %s; `prep prune` moves it aside)", path, reason, kind)
+
+
+def lift_migrate_flag(record: dict) -> dict:
+    """A record that migrates at last loses the flag its earlier failures set."""
+    from prep.curate import MIGRATE_REASONS, is_prep_flag
+
+    flag = record.get("filtered")
+    if is_prep_flag(flag) and flag["reason"] in MIGRATE_REASONS:
+        record.pop("filtered")
+    return record
 
 
 def rebucket(prep: Preparation) -> None:
@@ -385,6 +419,13 @@ def _stamp_legacy_inputs(stamp: dict, record: dict, stage) -> None:
         stamp["bucket"] = record.get("aspect_bucket")
 
 
+def curate_records(prep: Preparation) -> None:
+    """Flag (or lift the flags of) records the size rules and exact duplicates say no to (`prep.curate`)."""
+    from prep.curate import curate_records as judge_records
+
+    judge_records(prep)
+
+
 STEPS: list[Step] = [
     recover_journals,
     absolutize_paths,
@@ -395,6 +436,7 @@ STEPS: list[Step] = [
     apply_captions,
     migrate_records,
     rebucket,
+    curate_records,
     vouch_for_legacy,
 ]
 

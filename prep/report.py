@@ -14,6 +14,7 @@ becomes a red flagged panel with its reason; the report itself never fails on ba
 from __future__ import annotations
 
 import logging
+import math
 import random
 import textwrap
 from collections import Counter
@@ -38,6 +39,7 @@ DEFAULT_SAMPLES = 16
 THUMB_MAX = 384  # longest side of the stored original thumbnail (the sheet shows it smaller)
 SHEET_PAGE = 24  # samples per contact-sheet PNG (keeps each image a sane height)
 REJECTED_SHOWN = 10  # rejected manifest lines listed on the page (all are counted)
+FILTERED_SHOWN = 4  # flagged records shown per reason on the filtered strip (all are counted)
 
 
 class ReportError(UserError):
@@ -69,6 +71,7 @@ class SheetEntry:
     original: Panel
     crop: Panel
     decoded: Panel
+    upscale: float | None = None  # how many times the image was enlarged to cover its bucket (> 1: blurrier)
 
     @property
     def flags(self) -> list[str]:
@@ -148,6 +151,15 @@ def bucket_size(record: dict) -> tuple[int, int] | None:
         return parse_bucket(record.get("aspect_bucket"))
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def upscale_of(record: dict) -> float | None:
+    """The resize-to-cover factor of a record's image into its bucket (> 1: enlarged), None when unknown."""
+    size = bucket_size(record)
+    width, height = record.get("width"), record.get("height")
+    if size is None or type(width) is not int or type(height) is not int or width <= 0 or height <= 0:
+        return None
+    return max(size[0] / width, size[1] / height)
 
 
 def original_panel(path: Path | str | None) -> Panel:
@@ -265,6 +277,7 @@ def sheet_entries(
                 original=original,
                 crop=crop,
                 decoded=decoded_panel(record, base, decoder, decode_note),
+                upscale=upscale_of(record),
             )
         )
     return entries
@@ -275,6 +288,61 @@ def sample_indices(total: int, count: int, seed: int) -> list[int]:
     """`count` distinct positions out of `total`, reproducible from `seed`, in manifest order."""
     count = max(0, min(count, total))
     return sorted(random.Random(seed).sample(range(total), count))
+
+
+def sample_positions(manifest, count: int, seed: int) -> tuple[set[int], set[int]]:
+    """(positions of the contact sheet: records not flagged, the flagged examples: FILTERED_SHOWN per reason)."""
+    reasons = manifest.table.column("filtered").to_pylist()
+    unflagged = [row for row, reason in enumerate(reasons) if reason is None]
+    sheet = {unflagged[i] for i in sample_indices(len(unflagged), count, seed)}
+    by_reason: dict[str, list[int]] = {}
+    for row, reason in enumerate(reasons):
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(row)
+    examples = set()
+    for reason in sorted(by_reason):
+        rows = by_reason[reason]
+        examples.update(rows[i] for i in sample_indices(len(rows), FILTERED_SHOWN, seed))
+    return sheet, examples
+
+
+@dataclass
+class FilteredEntry:
+    """One flagged record on the filtered strip: its image, why it is not used, and the image it duplicates."""
+
+    image_id: str
+    reason: str
+    detail: str
+    original: Panel
+    kept_id: str | None = None
+    kept: Panel | None = None
+    upscale: float | None = None
+
+
+def filtered_entries(records: list[dict], manifest, manifest_path: Path | None) -> list[FilteredEntry]:
+    """The strip's examples, in reason order; duplicates show the kept image beside them."""
+    from prep.curate import REASONS
+
+    wanted = {r["filtered"].get("duplicate_of") for r in records if isinstance(r.get("filtered"), dict)} - {None}
+    kept_rows = {}
+    if wanted:
+        kept_rows = {i: row for row, i in enumerate(manifest.table.column("image_id").to_pylist()) if i in wanted}
+    entries = []
+    for record in records:
+        flag = record["filtered"]
+        image_path = record.get("image_path") if isinstance(record.get("image_path"), str) else None
+        kept_id = flag.get("duplicate_of") if isinstance(flag.get("duplicate_of"), str) else None
+        kept = None
+        if kept_id in kept_rows:
+            kept_path = manifest.record(kept_rows[kept_id]).get("image_path")
+            kept = original_panel(resolve_image_path(kept_path, manifest_path) if isinstance(kept_path, str) else None)
+        entries.append(FilteredEntry(
+            image_id=str(record.get("image_id") or image_path), reason=str(flag.get("reason")),
+            detail=str(flag.get("detail") or ""), upscale=upscale_of(record), kept_id=kept_id, kept=kept,
+            original=original_panel(resolve_image_path(image_path, manifest_path) if image_path else None),
+        ))  # fmt: skip
+    order = {reason: i for i, reason in enumerate(REASONS)}
+    return sorted(entries, key=lambda e: (order.get(e.reason, len(order)), e.reason, e.image_id))
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -297,6 +365,8 @@ class DatasetStats:
     token_counts: list[int] | None = None
     token_note: str | None = None
     tokenizer_id: str | None = None
+    filtered: Counter = field(default_factory=Counter)  # reason -> records flagged by curation (not verified)
+    max_upscale: float | None = 2.0  # the curation limit in force: sheet cards above it are marked
 
     @property
     def not_ready(self) -> int:
@@ -317,6 +387,8 @@ def _check_one(record: dict, base: Path, expected) -> tuple[list[str], dict[str,
     from prep.verify import check_record
 
     reasons = store.readiness_reasons(record, base, stale_against=expected)
+    if isinstance(record.get("filtered"), dict):  # flagged: not verified (no model ran on it), as `prep verify`
+        return reasons, {}, {}
     _, statuses, origins = check_record(record, base, expected)
     return reasons, statuses, origins
 
@@ -341,8 +413,10 @@ def count_rejected_saved(manifest_path: Path) -> int:
         return 0
 
 
-def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8, progress: bool = True):
-    """(DatasetStats, captions, the sampled records): readiness, verify status and distributions."""
+def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8, progress: bool = True,
+                 filtered_at: set[int] = frozenset()):
+    """(DatasetStats, captions, the sampled records, the filtered examples): readiness, verify status and
+    distributions of the records used for training; flagged records are counted by reason only."""
     from tqdm.auto import tqdm
 
     from prep import provenance
@@ -353,6 +427,7 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
     stats.rejected_examples = [(item.lineno, item.reason) for item in manifest.rejected[:REJECTED_SHOWN]]
     captions: list[str] = []
     sampled: list[dict] = []
+    examples: list[dict] = []
     position = 0
     bar = tqdm(total=len(manifest), desc="report: check records", unit="rec", leave=False, disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -361,7 +436,13 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
             for record, (reasons, statuses, origins) in zip(chunk, results, strict=True):
                 if position in sample_at:
                     sampled.append(record)
+                if position in filtered_at:
+                    examples.append(record)
                 position += 1
+                if isinstance(record.get("filtered"), dict):
+                    stats.filtered[reasons[0].removeprefix("filtered: ")] += 1
+                    stats.not_ready_reasons.update(reasons)
+                    continue
                 if reasons:
                     stats.not_ready_reasons.update(reasons)
                 else:
@@ -379,7 +460,7 @@ def gather_stats(manifest, base: Path, sample_at: set[int], *, workers: int = 8,
                 _distributions(record, stats, captions)
             bar.update(len(chunk))
     bar.close()
-    return stats, captions, sampled
+    return stats, captions, sampled, examples
 
 
 def _distributions(record: dict, stats: DatasetStats, captions: list[str]) -> None:
@@ -435,6 +516,7 @@ MUTED = (96, 104, 116)
 FLAG_BG = (253, 232, 232)
 FLAG_BORDER = (200, 30, 30)
 FLAG_TEXT = (150, 20, 20)
+WARN_TEXT = (180, 83, 9)
 BOX_COLOR = (255, 200, 0)
 
 
@@ -531,7 +613,19 @@ def _caption_lines(entry: SheetEntry, font) -> list[str]:
     return wrap_pixels(caption, font, card_width() - 2 * PAD, CAPTION_LINES)
 
 
-def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, height: int, fonts: dict) -> None:
+def upscale_text(upscale: float | None) -> str | None:
+    """"enlarged 1.50×" when the image was scaled up to cover its bucket, else None."""
+    return f"enlarged {upscale:.2f}×" if upscale is not None and upscale > 1.005 else None
+
+
+def upscale_colour(upscale: float | None, limit: float | None) -> tuple[int, int, int]:
+    if upscale is None or upscale <= 1.005:
+        return MUTED
+    return FLAG_TEXT if limit is not None and upscale > limit else WARN_TEXT
+
+
+def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, height: int, fonts: dict,
+               limit: float | None = None) -> None:
     width = card_width()
     flagged = bool(entry.flags)
     draw.rounded_rectangle(
@@ -546,11 +640,14 @@ def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, height: int, font
         meta.append(f"bucket {entry.bucket}")
     if entry.width and entry.height:
         meta.append(f"{entry.width}×{entry.height}")
+    if enlarged := upscale_text(entry.upscale):
+        meta.append(enlarged)
     meta_text = " · ".join(meta)
     meta_w = fonts["small"].getlength(meta_text)
     title = wrap_pixels(entry.image_id, fonts["bold"], int(width - 2 * PAD - meta_w - 12), 1)[0]
     draw.text((x + PAD, y + PAD), title, font=fonts["bold"], fill=FLAG_TEXT if flagged else TEXT)
-    draw.text((x + width - PAD - meta_w, y + PAD + 2), meta_text, font=fonts["small"], fill=MUTED)
+    draw.text((x + width - PAD - meta_w, y + PAD + 2), meta_text, font=fonts["small"],
+              fill=upscale_colour(entry.upscale, limit))
     labels = ("original", f"VAE input {entry.bucket or ''}".strip(), "VAE decode")
     panels = (entry.original, entry.crop, entry.decoded)
     top = y + PAD + 20
@@ -568,7 +665,7 @@ def _draw_card(sheet, draw, entry: SheetEntry, x: int, y: int, height: int, font
         )
 
 
-def render_sheet(entries: list[SheetEntry], path: Path) -> tuple[int, int]:
+def render_sheet(entries: list[SheetEntry], path: Path, limit: float | None = None) -> tuple[int, int]:
     """Draw the cards (two per row) into one PNG with Pillow; returns its (width, height)."""
     from PIL import Image, ImageDraw
 
@@ -583,8 +680,59 @@ def render_sheet(entries: list[SheetEntry], path: Path) -> tuple[int, int]:
     y = CARD_GUTTER
     for row, row_height in zip(rows, heights, strict=True):
         for col, entry in enumerate(row):
-            _draw_card(sheet, draw, entry, CARD_GUTTER + col * (card_w + CARD_GUTTER), y, row_height, fonts)
+            _draw_card(sheet, draw, entry, CARD_GUTTER + col * (card_w + CARD_GUTTER), y, row_height, fonts, limit)
         y += row_height + CARD_GUTTER
+    sheet.save(path, optimize=True)
+    return width, height
+
+
+STRIP_COLUMNS = 3
+DETAIL_LINES = 5
+
+
+def strip_card_width() -> int:
+    return 2 * CELL + GAP + 2 * PAD
+
+
+def strip_card_height() -> int:
+    return PAD + 20 + 18 + CELL + 8 + 18 + DETAIL_LINES * 15 + PAD
+
+
+def _draw_filtered_card(sheet, draw, entry: FilteredEntry, x: int, y: int, fonts: dict) -> None:
+    """One flagged record: its image (and the kept image it duplicates), the reason and the detail."""
+    width, height = strip_card_width(), strip_card_height()
+    draw.rounded_rectangle([x, y, x + width - 1, y + height - 1], radius=8, fill=CARD_BG, outline=FLAG_BORDER, width=2)
+    title = wrap_pixels(entry.image_id, fonts["bold"], width - 2 * PAD, 1)[0]
+    draw.text((x + PAD, y + PAD), title, font=fonts["bold"], fill=TEXT)
+    top = y + PAD + 20
+    labels = ("flagged image", f"kept: {entry.kept_id}" if entry.kept_id else "")
+    for i, (label, panel) in enumerate(zip(labels, (entry.original, entry.kept), strict=True)):
+        px = x + PAD + i * (CELL + GAP)
+        if label:
+            draw.text((px, top), wrap_pixels(label, fonts["small"], CELL, 1)[0], font=fonts["small"], fill=MUTED)
+        if panel is not None:
+            _draw_panel(sheet, draw, panel, px, top + 18, fonts)
+    text_top = top + 18 + CELL + 8
+    draw.text((x + PAD, text_top), entry.reason, font=fonts["bold"], fill=FLAG_TEXT)
+    for i, line in enumerate(wrap_pixels(entry.detail, fonts["small"], width - 2 * PAD, DETAIL_LINES)):
+        draw.text((x + PAD, text_top + 18 + i * 15), line, font=fonts["small"], fill=TEXT)
+
+
+def render_filtered_strip(entries: list[FilteredEntry], path: Path) -> tuple[int, int]:
+    """The flagged examples, STRIP_COLUMNS cards per row, in one PNG; returns its (width, height)."""
+    from PIL import Image, ImageDraw
+
+    fonts = {"bold": _font(14, bold=True), "small": _font(12), "caption": _font(13)}
+    rows = math.ceil(len(entries) / STRIP_COLUMNS)
+    card_w, card_h = strip_card_width(), strip_card_height()
+    width = STRIP_COLUMNS * card_w + (STRIP_COLUMNS + 1) * CARD_GUTTER
+    height = rows * card_h + (rows + 1) * CARD_GUTTER
+    sheet = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(sheet)
+    for i, entry in enumerate(entries):
+        row, col = divmod(i, STRIP_COLUMNS)
+        x = CARD_GUTTER + col * (card_w + CARD_GUTTER)
+        _draw_filtered_card(sheet, draw, entry, x, CARD_GUTTER + row * (card_h + CARD_GUTTER), fonts)
     sheet.save(path, optimize=True)
     return width, height
 
@@ -602,10 +750,21 @@ class ReportResult:
     charts: list[Path]
     notes: list[str]
     metadata: dict
+    filtered: list[FilteredEntry] = field(default_factory=list)
 
     @property
     def sample_ids(self) -> list[str]:
         return [entry.image_id for entry in self.entries]
+
+
+def upscale_limit(metadata: dict) -> float | None:
+    """The --max-upscale in force for this dataset (what prep_metadata.json keeps, else the default)."""
+    from prep.curate import DEFAULTS, resolve_rules
+
+    try:
+        return resolve_rules({}, {**(metadata.get("curation") or {}), "keep_ids": None}).max_upscale
+    except (UserError, TypeError, AttributeError):
+        return DEFAULTS.max_upscale
 
 
 def require_matplotlib():
@@ -712,8 +871,11 @@ def build_report(
         notes.append(f"{base / store.METADATA_FILE} is missing or unreadable: models and latent convention unknown.")
 
     manifest = read_manifest(manifest_path)
-    sample_at = set(sample_indices(len(manifest), samples, seed))
-    stats, captions, sampled = gather_stats(manifest, base, sample_at, workers=workers, progress=progress)
+    sample_at, filtered_at = sample_positions(manifest, samples, seed)
+    stats, captions, sampled, examples = gather_stats(manifest, base, sample_at, workers=workers, progress=progress,
+                                                      filtered_at=filtered_at)
+    stats.max_upscale = upscale_limit(metadata)
+    flagged_entries = filtered_entries(examples, manifest, manifest_path)
     if t5_model is None:
         recorded = metadata.get("models", {}).get("t5", {}) if isinstance(metadata.get("models"), dict) else {}
         t5_model = recorded.get("model_id") if isinstance(recorded, dict) else None
@@ -743,8 +905,12 @@ def build_report(
     sheets = []
     for page, start in enumerate(range(0, len(entries), SHEET_PAGE), start=1):
         sheet = out / f"contact_sheet_{page:02d}.png"
-        render_sheet(entries[start : start + SHEET_PAGE], sheet)
+        render_sheet(entries[start : start + SHEET_PAGE], sheet, stats.max_upscale)
         sheets.append(sheet)
+    strip = out / "filtered_strip.png"
+    strip.unlink(missing_ok=True)
+    if flagged_entries:
+        render_filtered_strip(flagged_entries, strip)
     charts = report_html.render_charts(stats, out, figure_classes)
     html_path = out / "index.html"
     atomic_write_text(
@@ -761,9 +927,12 @@ def build_report(
             samples=samples,
             seed=seed,
             decoded=decoder is not None,
+            filtered=flagged_entries,
+            strip=strip if flagged_entries else None,
         ),
     )
-    return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata)
+    return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata,
+                        flagged_entries)
 
 
 def summary_line(result: ReportResult) -> str:

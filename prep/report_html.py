@@ -199,7 +199,11 @@ figcaption { color:var(--muted); font-size:12px; margin-top:6px; overflow-wrap:a
 details { margin-top:8px; }
 summary { cursor:pointer; font-weight:600; }
 tr.flagged td { background:#fdf0f0; }
-td.caption { max-width:520px; }
+td { overflow-wrap:anywhere; }
+.wide-table { overflow-x:auto; }
+.wide-table table { table-layout:fixed; }
+td.caption { max-width:520px; overflow-wrap:anywhere; word-break:break-word; }
+td.warn { color:var(--warn); font-weight:600; }
 footer { color:var(--muted); font-size:12px; margin-top:32px; }
 @media (max-width: 900px) { .tiles,.cols,.charts { grid-template-columns:1fr; } }
 """
@@ -301,6 +305,9 @@ def _summary(stats, metadata: dict, notes: list[str]) -> str:
                          f"{'is' if stats.not_ready == 1 else 'are'} not ready for training")
         else:
             parts.append(f"all {plural(stats.records, 'record')} pass the readiness check")
+        if stats.filtered:
+            parts.append(f"{plural(sum(stats.filtered.values()), 'record')} of them flagged by curation "
+                         "(see Filtered records)")
         if stats.rejected_now:
             parts.append(f"{plural(stats.rejected_now, 'manifest line')} rejected")
         if bad_types:
@@ -351,7 +358,8 @@ def _sheet(entries, sheets: list[Path], out: Path, records: int, samples: int, s
         "Each card: the original (the yellow box is the region kept by the crop), the bucket crop the VAE "
         "encoded (same preprocessing call as the pipeline), and "
         + ("the VAE decode of the stored latent." if decoded else "no decode (the latent is only checked).")
-        + f" {len(flagged)} card(s) flagged in red."
+        + f" {len(flagged)} card(s) flagged in red. \"enlarged N×\" (amber; red above the --max-upscale in "
+        "force) means the image was scaled up to cover its bucket: the latent is blurrier than its size suggests."
     )
     images = "".join(
         f'<img src="{e(path.relative_to(out).as_posix())}" alt="contact sheet page {i}: original, VAE input '
@@ -362,21 +370,55 @@ def _sheet(entries, sheets: list[Path], out: Path, records: int, samples: int, s
     for entry in entries:
         size = f"{entry.width}×{entry.height}" if entry.width and entry.height else "?"
         flags = "<br>".join(e(f) for f in entry.flags) or "—"
+        enlarged = f"{entry.upscale:.2f}×" if entry.upscale is not None and entry.upscale > 1.005 else "—"
         rows.append(
             f'<tr class="{"flagged" if entry.flags else ""}"><td class="mono">{e(entry.image_id)}</td>'
             f"<td>{e(entry.bucket or '?')}</td><td>{e(size)}</td>"
+            f'<td class="num{" warn" if enlarged != "—" else ""}">{e(enlarged)}</td>'
             f'<td class="caption">{e(entry.caption) if entry.caption is not None else "<em>(no caption)</em>"}</td>'
             f"<td>{flags}</td></tr>"
         )
     table = (
-        "<details open><summary>Sampled records (full captions)</summary><table><thead><tr><th>id</th><th>bucket</th>"
-        f"<th>original</th><th>caption</th><th>flags</th></tr></thead><tbody>{''.join(rows)}</tbody></table></details>"
+        '<details open><summary>Sampled records (full captions)</summary><div class="wide-table"><table><thead><tr>'
+        '<th style="width:16%">id</th><th style="width:9%">bucket</th><th style="width:9%">original</th>'
+        '<th class="num" style="width:9%">enlarged</th><th style="width:39%">caption</th>'
+        f"<th style=\"width:18%\">flags</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></details>"
         if entries
         else "<p>No records to sample.</p>"
     )
     return (
         f'<section class="sheet" aria-label="contact sheet"><h2>Contact sheet</h2><p class="legend">{e(legend)}</p>'
         f"{images}{table}</section>"
+    )
+
+
+def _filtered(stats, filtered, strip: Path | None, out: Path) -> str:
+    """The flagged records: counts by reason, the strip of examples, and each example's reason in full."""
+    if not stats.filtered:
+        return ""
+    counts = "".join(
+        f'<tr><td>{e(reason)}</td><td class="num">{count}</td></tr>'
+        for reason, count in sorted(stats.filtered.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    total = sum(stats.filtered.values())
+    legend = (
+        f"{plural(total, 'record')} flagged by curation: kept in the manifest, but no model runs on them and the "
+        "export leaves them out. `prep curate --dry-run` lists them all; change a threshold and run again to "
+        "lift flags, `--keep-ids FILE` to keep some, `prep prune` to move them aside. A few examples of each reason:"
+    )
+    image = (f'<img src="{e(strip.relative_to(out).as_posix())}" alt="examples of flagged records with their '
+             'reasons, and the kept image each duplicate duplicates">' if strip is not None else "")
+    rows = "".join(
+        f'<tr><td class="mono">{e(entry.image_id)}</td><td>{e(entry.reason)}</td>'
+        f'<td class="caption">{e(entry.detail)}</td><td class="mono">{e(entry.kept_id or "—")}</td></tr>'
+        for entry in filtered
+    )
+    table = ('<div class="wide-table"><table><thead><tr><th>id</th><th>reason</th><th>detail</th>'
+             f"<th>duplicate of</th></tr></thead><tbody>{rows}</tbody></table></div>")
+    return (
+        f'<section class="sheet" aria-label="filtered"><h2>Filtered records</h2><p class="legend">{e(legend)}</p>'
+        f'<table style="max-width:360px;margin-bottom:12px"><thead><tr><th>reason</th><th class="num">records</th>'
+        f"</tr></thead><tbody>{counts}</tbody></table>{image}{table}</section>"
     )
 
 
@@ -393,6 +435,8 @@ def render_page(
     samples: int,
     seed: int,
     decoded: bool,
+    filtered=(),
+    strip: Path | None = None,
 ) -> str:
     out = sheets[0].parent if sheets else charts[0].path.parent
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -410,7 +454,8 @@ def render_page(
 <p class="meta">manifest <code>{e(manifest_path)}</code> · derived dir <code>{e(derived_dir)}</code> · {e(when)}</p>
 {_summary(stats, metadata, notes)}
 {_charts(charts, out)}
-{_sheet(entries, sheets, out, stats.records, samples, seed, decoded)}
+{_sheet(entries, sheets, out, stats.records - sum(stats.filtered.values()), samples, seed, decoded)}
+{_filtered(stats, filtered, strip, out)}
 <footer>Generated by prep {e(__version__)} (<code>prep report</code>). Self-contained: no network resources.</footer>
 </main>
 </body>

@@ -401,9 +401,10 @@ def readiness_reasons(
     """
     from prep import provenance
 
+    if isinstance(record.get("filtered"), dict):  # one reason: counted by why it was said no to
+        reason = record["filtered"].get("reason")
+        return [f"filtered: {reason if isinstance(reason, str) else 'unknown'}"]
     reasons = validate_record(record)
-    if isinstance(record.get("filtered"), dict):
-        reasons.append(f"filtered: {record['filtered'].get('reason', 'unknown')}")
     if "missing image_id" in reasons or "unsafe image_id" in reasons:
         return reasons
     from prep import stages

@@ -203,7 +203,10 @@ def print_report(report: VerifyReport, as_json: bool = False) -> None:
             f"  (of the valid: stale {counter['stale']:>6}, unknown provenance {counter['unknown']:>6})"
         )
     if report.filtered:
-        print("  filtered out (not checked): " + ", ".join(f"{r} {n}" for r, n in sorted(report.filtered.items())))
+        total = sum(report.filtered.values())
+        print(f"  filtered out (flagged, not checked): {total} ("
+              + ", ".join(f"{r} {n}" for r, n in sorted(report.filtered.items()))
+              + "); `prep curate --dry-run` says why, `prep prune` moves them aside")
     if report.adopted:
         print(f"  adopted: {report.adopted} artifacts of unknown provenance stamped with the given configuration")
     for reason, count in sorted(report.record_problems.items()):

@@ -18,13 +18,14 @@ from pathlib import Path
 import imagegen as ig
 import numpy as np
 import pytest
+from PIL import Image
 
 import prep
 from prep import provenance
 from prep.cli import main
 from prep.stages.vae import VAEEncoder
 from prep.store import artifact_path, load_npy
-from prep.testing import model_flags
+from prep.testing import model_flags, synthetic_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKETS = "64x64,64x128,128x64,96x96"
@@ -47,9 +48,10 @@ def verify(work: Path, *extra: str) -> int:
 
 
 def three_images(folder: Path) -> Path:
-    ig.save_rgb(folder / "p1.png", 64, 64, seed=1)
-    ig.save_rgb(folder / "p2.jpg", 96, 64, seed=2)
-    ig.save_rgb(folder / "p3.png", 64, 128, seed=3)
+    """Three different pictures (imagegen's share one gradient: near duplicates, which curation would flag)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (width, height), seed in (("p1.png", (64, 64), 1), ("p2.jpg", (96, 64), 2), ("p3.png", (64, 128), 3)):
+        Image.fromarray(synthetic_rgb(width, height, np.random.default_rng(seed))).save(folder / name)
     return folder
 
 

@@ -1,6 +1,6 @@
 """`python -m prep.bench all --quick --out DIR` or `python -m prep.bench <name> [...] --out DIR`.
 
-Benchmarks: preprocess, pipeline, vae, export, scale, gpu, sources. Each writes absolute numbers and
+Benchmarks: preprocess, pipeline, vae, export, scale, gpu, sources, curate. Each writes absolute numbers and
 ratios against a baseline measured in the same run to DIR/results.json and DIR/results.md.
 Generated inputs (images, tiny and real-size random models, manifests, side files) are kept in
 --cache (default /tmp/prep-bench-cache, or $PREP_BENCH_CACHE) and reused by later runs.
@@ -28,7 +28,7 @@ from prep.bench.common import (
     write_results,
 )
 
-NAMES = ("preprocess", "pipeline", "vae", "export", "scale", "gpu", "sources")
+NAMES = ("preprocess", "pipeline", "vae", "export", "scale", "gpu", "sources", "curate")
 EXPORT_SIZES = {True: (1_000, 10_000), False: (1_000, 10_000, 100_000)}
 EXPORT_RATIO_GOAL = 0.8
 EXPORT_RSS_FLAT_MB = 50.0
