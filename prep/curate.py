@@ -681,7 +681,7 @@ def curate_dataset(opts) -> tuple[Judgement, list]:
         manifest = read_manifest(opts.manifest)
         columns = columns_of_manifest(manifest)
         judgement = judge(columns, rules, derived_dir=Path(opts.derived_dir), near=True, device=opts.device,
-                          workers=opts.num_workers, previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"))
+                          workers=opts.num_workers or 8, previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"))
         if not opts.dry_run:
             apply_to_manifest(manifest, judgement)
             if Path(opts.derived_dir).is_dir():

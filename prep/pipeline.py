@@ -267,9 +267,6 @@ def expected_config(stage, opts: RunOptions, model: ResolvedModel | None, device
 
 def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
     """One stage on every rank: filter its stride -> load -> map -> unload -> fold (main rank)."""
-    from prep.passes import AsyncWriter, PassContext, run_pass_on_shard
-    from prep.progress import progress
-
     device = device_for(opts, state)
     model = models.get(stage.name)
     yard = Yardstick(
@@ -292,48 +289,15 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
             for row_id, stamp in _ids_of(todo_source=dataset, refreshed=work.refreshed)
         )
     total = sum(_gather(state, len(todo)))
-    if state.is_main_process and (total or work.stale):
-        stale = sum(1 for why in work.stale.values() if why.startswith("stale"))
-        kept = " (kept: --keep-stale)" if opts.keep_stale and stale else ""
-        logger.info("%s: %d records need work%s%s", stage.name, total, f", {stale} stale" if stale else "", kept)
+    if state.is_main_process:
+        announce(stage, opts, model, device, total, work.stale)
+    state.wait_for_everyone()  # the models are recorded before any rank writes an artifact
     stats = PassStats(stage.name, records=len(todo))
-    metadata_updates: dict = {}
     if len(todo):
-        started = time.perf_counter()
-        encoder = stage.load(model, device=device, dtype=opts.dtype, opts=opts)
-        stats.load_seconds = time.perf_counter() - started
-        config = stage_config(stage, opts, model, str(encoder.dtype))
-        metadata_updates = models_used(stage, model, encoder, config)
-        ctx = PassContext(
-            stage=stage, opts=opts, encoder=encoder, journal=journal_, writer=AsyncWriter(), tally=tally,
-            is_main=state.is_main_process, config=config, stale=work.stale,
-        )
-        ctx.bar = progress(total=len(todo), desc=stage.name, unit="img" if stage.reads != "caption" else "caption")
-        try:
-            encode_started = time.perf_counter()
-            run_pass_on_shard(ctx, todo, device=device)
-            ctx.writer.drain()
-            stats.encode_seconds = time.perf_counter() - encode_started
-            stats.model_seconds = ctx.model_seconds
-        finally:
-            ctx.bar.close()
-            ctx.writer.close()
-            encoder.unload()
-            del encoder, ctx.encoder
-            free_memory()
-        elapsed = time.perf_counter() - started
-        logger.info(
-            "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
-            stage.name, state.process_index, len(todo), elapsed, len(todo) / max(elapsed, 1e-9),
-            stats.load_seconds, 100 * stats.model_share,
-        )
+        encode_shard(stage, opts, state, model, device, todo, work.stale, journal_, tally, stats)
     journal_.close()
-    updates = _gather(state, metadata_updates)
     state.wait_for_everyone()
     if state.is_main_process:
-        if stage.optional:
-            updates.append({"optional_stages": sorted(store.active_stages(opts.derived_dir) | {stage.name})})
-        record_models_used(opts, updates)
         finished = stage.finish(opts=opts, model=model, device=device, config=yard.expected.get(stage.name))
         if finished:
             store.update_metadata(opts.derived_dir, finished)
@@ -341,6 +305,64 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
         journal.clear(opts.manifest)
     state.wait_for_everyone()
     return stats
+
+
+def announce(stage, opts: RunOptions, model: ResolvedModel | None, device: str, total: int, stale: dict) -> None:
+    """Main rank, before a pass: say how much work it has, and record the model that will do it."""
+    from prep.models import resolve_dtype
+
+    if not total and not stale:
+        return
+    count = sum(1 for why in stale.values() if why.startswith("stale"))
+    kept = " (kept: --keep-stale)" if opts.keep_stale and count else ""
+    logger.info("%s: %d records need work%s%s", stage.name, total, f", {count} stale" if count else "", kept)
+    if not total:
+        return
+    updates: dict = {}
+    if model is not None:
+        dtype = str(resolve_dtype(opts.dtype, device))
+        models = dict(store.read_metadata(opts.derived_dir).get("models") or {})
+        models[stage.name] = {"model_id": model.source, "revision": model.revision, "dtype": dtype}
+        updates = {"models": models, **stage.metadata(model, compute_dtype=dtype)}
+    if stage.optional:
+        updates["optional_stages"] = sorted(store.active_stages(opts.derived_dir) | {stage.name})
+    metadata = store.read_metadata(opts.derived_dir)
+    if any(metadata.get(key) != value for key, value in updates.items()):
+        store.update_metadata(opts.derived_dir, updates)
+
+
+def encode_shard(stage, opts: RunOptions, state, model, device: str, todo, stale: dict, journal_, tally: Tally,
+                 stats: PassStats) -> None:
+    """This rank's share of a stage: load the model, map over the records, unload."""
+    from prep.passes import AsyncWriter, PassContext, run_pass_on_shard
+    from prep.progress import progress
+
+    started = time.perf_counter()
+    encoder = stage.load(model, device=device, dtype=opts.dtype, opts=opts)
+    stats.load_seconds = time.perf_counter() - started
+    ctx = PassContext(
+        stage=stage, opts=opts, encoder=encoder, journal=journal_, writer=AsyncWriter(), tally=tally,
+        is_main=state.is_main_process, config=stage_config(stage, opts, model, str(encoder.dtype)), stale=stale,
+    )
+    ctx.bar = progress(total=len(todo), desc=stage.name, unit="img" if stage.reads != "caption" else "caption")
+    try:
+        encode_started = time.perf_counter()
+        run_pass_on_shard(ctx, todo, device=device)
+        ctx.writer.drain()
+        stats.encode_seconds = time.perf_counter() - encode_started
+        stats.model_seconds = ctx.model_seconds
+    finally:
+        ctx.bar.close()
+        ctx.writer.close()
+        encoder.unload()
+        del encoder, ctx.encoder
+        free_memory()
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
+        stage.name, state.process_index, len(todo), elapsed, len(todo) / max(elapsed, 1e-9),
+        stats.load_seconds, 100 * stats.model_share,
+    )
 
 
 def judge_near_duplicates(opts: RunOptions, state) -> None:
@@ -368,31 +390,6 @@ def _gather(state, value) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([value])
-
-
-def models_used(stage, model: ResolvedModel | None, encoder, config: dict) -> dict:
-    """What prep_metadata.json records about the model that ran (and the latent convention)."""
-    if model is None:
-        return {}
-    updates = {"models": {stage.name: {"model_id": model.source, "revision": model.revision,
-                                       "dtype": config.get("dtype")}}}
-    if hasattr(encoder, "convention"):
-        updates[stage.name] = encoder.convention()
-    return updates
-
-
-def record_models_used(opts: RunOptions, updates: list[dict]) -> None:
-    """Main rank: merge what each rank's pass recorded into prep_metadata.json."""
-    metadata = store.read_metadata(opts.derived_dir)
-    merged: dict = {}
-    for update in updates:
-        for key, value in (update or {}).items():
-            if key == "models":
-                merged.setdefault("models", dict(metadata.get("models", {}))).update(value)
-            else:
-                merged[key] = value
-    if merged and any(metadata.get(key) != value for key, value in merged.items()):
-        store.update_metadata(opts.derived_dir, merged)
 
 
 def free_memory() -> None:

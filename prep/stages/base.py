@@ -136,6 +136,11 @@ class Stage:
     def encode(self, encoder: Encoder, items: list[Any]) -> list[Output]:
         raise NotImplementedError
 
+    def metadata(self, model, *, compute_dtype) -> dict:
+        """What prep_metadata.json should say about this stage's outputs besides the model (the VAE:
+        its latent convention); recorded before the pass writes anything."""
+        return {}
+
     def finish(self, *, opts, model, device, config: dict) -> dict:
         """Dataset-level outputs after the pass, on the main rank (T5: the empty caption's state);
         returns prep_metadata.json updates. `config` is what this run expects of the stage."""

@@ -84,16 +84,21 @@ class VAEEncoder(Encoder):
 
     def convention(self) -> dict:
         """How to read the stored latents; goes into prep_metadata.json and the dataset card."""
-        return {
-            "latent": LATENT_KIND,
-            "transform": LATENT_TRANSFORM,
-            "shift_factor": self.shift_factor,
-            "scaling_factor": self.scaling_factor,
-            "model_id": self.model_id,
-            "subfolder": self.subfolder,
-            "dtype": "float16 on disk",
-            "compute_dtype": str(self.dtype).removeprefix("torch."),
-        }
+        return convention(self.shift_factor, self.scaling_factor, self.model_id, self.subfolder, self.dtype)
+
+
+def convention(shift_factor: float, scaling_factor: float, model_id: str, subfolder: str | None, dtype) -> dict:
+    """What the stored latents are (posterior mean, already shifted and scaled) and by which VAE."""
+    return {
+        "latent": LATENT_KIND,
+        "transform": LATENT_TRANSFORM,
+        "shift_factor": float(shift_factor),
+        "scaling_factor": float(scaling_factor),
+        "model_id": model_id,
+        "subfolder": subfolder,
+        "dtype": "float16 on disk",
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 class VAEStage(Stage):
@@ -108,6 +113,14 @@ class VAEStage(Stage):
         license="FLUX.1 [dev] Non-Commercial License",
     )
     description = "Flux VAE latents of the bucket crops"
+
+    def metadata(self, model, *, compute_dtype) -> dict:
+        """The latent convention, from the VAE's config alone (recorded before any latent is written)."""
+        from diffusers import AutoencoderKL
+
+        config = AutoencoderKL.load_config(model.source, **model.from_pretrained_kwargs())
+        return {self.name: convention(config.get("shift_factor") or 0.0, config["scaling_factor"], model.source,
+                                      model.subfolder, compute_dtype)}
 
     def load(self, model, *, device, dtype: str, opts) -> VAEEncoder:
         return VAEEncoder.load(
