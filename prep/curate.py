@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from prep import dedup, store
+from prep import dedup, nearcache, store
 from prep.buckets import parse_bucket
 from prep.errors import UserError
 from prep.records import is_safe_id, needs_migration
@@ -440,8 +440,13 @@ def resolve_device(device: str) -> str:
 
 
 def near_flags(columns: Columns, effective: list, rules: Rules, keep: set[str], derived_dir: Path, *,
-               device: str = "auto", workers: int = 8, previous: str | None = None) -> tuple[dict, np.ndarray, NearInfo]:
-    """Records similar (DINOv3 cosine >= threshold) to a kept, larger image; skipped when nothing changed."""
+               device: str = "auto", workers: int = 8, previous: str | None = None,
+               incremental: bool = False) -> tuple[dict, np.ndarray, NearInfo]:
+    """Records similar (DINOv3 cosine >= threshold) to a kept, larger image; skipped when nothing changed.
+
+    `incremental` (a run): only images not judged before are compared with the cached embeddings of
+    the kept ones (`prep.nearcache`), unless the cache is missing or most images are new.
+    """
     info = NearInfo()
     if rules.near_duplicate is None:
         return {}, columns.judged.copy(), info
@@ -452,6 +457,10 @@ def near_flags(columns: Columns, effective: list, rules: Rules, keep: set[str], 
     if info.digest == previous:
         info.skipped, info.judged = True, int(pool.sum())
         return {}, np.zeros(len(columns), dtype=bool), info
+    if incremental:
+        result = near_flags_incremental(columns, pool, effective, rules, keep, derived_dir, workers, info)
+        if result is not None:
+            return result
     started = time.perf_counter()
     index = np.flatnonzero(pool)
     ids = [columns.ids[i] for i in index.tolist()]
@@ -465,14 +474,62 @@ def near_flags(columns: Columns, effective: list, rules: Rules, keep: set[str], 
     keep_mask = np.asarray([i in keep for i in ids], dtype=bool)
     found = dedup.near_duplicates(matrix, order, rules.near_duplicate, keep=keep_mask, device=resolve_device(device))
     info.pairs = len(found)
-    flags = {}
-    for local, (other, similarity) in found.items():
-        flags[int(index[local])] = make_flag(
-            "near_duplicate", f"DINOv3 cosine similarity {similarity:.3f} with {ids[other]}, which is kept "
-            f"(--near-duplicate {rules.near_duplicate:g})", duplicate_of=ids[other], similarity=round(similarity, 4),
-        )  # fmt: skip
+    flags = {int(index[local]): near_flag(ids[other], similarity, rules) for local, (other, similarity) in found.items()}
+    kept = np.asarray([local not in found for local in range(len(ids))], dtype=bool)
+    nearcache.save(derived_dir, nearcache.KeptEmbeddings(
+        [i for i, k in zip(ids, kept, strict=True) if k], columns.embedding_stamp[index][kept],
+        matrix[kept].astype(np.float16), nearcache.settings_key(rules.near_duplicate, keep)))
     info.seconds = time.perf_counter() - started
     return flags, pool, info
+
+
+def near_flag(kept_id: str, similarity: float, rules: Rules) -> dict:
+    return make_flag(
+        "near_duplicate", f"DINOv3 cosine similarity {similarity:.3f} with {kept_id}, which is kept "
+        f"(--near-duplicate {rules.near_duplicate:g})", duplicate_of=kept_id, similarity=round(float(similarity), 4),
+    )
+
+
+def near_flags_incremental(columns: Columns, pool: np.ndarray, effective: list, rules: Rules, keep: set[str],
+                           derived_dir: Path, workers: int, info: NearInfo) -> tuple[dict, np.ndarray, NearInfo] | None:
+    """The images not judged before, against the cached kept embeddings; None when a full judgement is due."""
+    started = time.perf_counter()
+    cache = nearcache.load(derived_dir)
+    if cache is None or cache.key != nearcache.settings_key(rules.near_duplicate, keep):
+        return None
+    index = np.flatnonzero(pool)
+    current = {columns.ids[i]: int(columns.embedding_stamp[i]) for i in index.tolist()}
+    alive = nearcache.still_kept(cache, current)
+    known = {i for i, a in zip(cache.ids, alive.tolist(), strict=True) if a}
+    new = [i for i in index.tolist() if columns.ids[i] not in known and reason_of(effective[i]) != "near_duplicate"]
+    if len(new) > max(1000, len(index) // 4):
+        return None  # mostly new: the full judgement costs about the same and decides best
+    ids = [columns.ids[i] for i in new]
+    matrix, ok = load_embeddings(derived_dir, ids, workers=workers)
+    corpus_ids = [i for i, a in zip(cache.ids, alive.tolist(), strict=True) if a]
+    corpus = np.asarray(cache.matrix[alive])
+    best, score = nearcache.best_matches(matrix, corpus)
+    flags, accepted = {}, []
+    for local in dedup.priority_order(ids, columns.pixels[new]).tolist():
+        if not ok[local]:
+            continue
+        if ids[local] not in keep and score[local] >= rules.near_duplicate:
+            flags[new[local]] = near_flag(corpus_ids[best[local]], score[local], rules)
+            continue
+        if accepted and ids[local] not in keep:
+            sims = matrix[accepted] @ matrix[local]
+            if sims.max() >= rules.near_duplicate:
+                flags[new[local]] = near_flag(ids[accepted[int(sims.argmax())]], float(sims.max()), rules)
+                continue
+        accepted.append(local)
+    nearcache.save(derived_dir, nearcache.KeptEmbeddings(
+        corpus_ids + [ids[k] for k in accepted],
+        np.concatenate([cache.stamps[alive], columns.embedding_stamp[np.asarray(new, dtype=np.int64)[accepted]]]),
+        np.concatenate([corpus, matrix[accepted].astype(np.float16)]), cache.key))
+    scope = np.zeros(len(columns), dtype=bool)
+    scope[np.asarray(new, dtype=np.int64)] = True
+    info.judged, info.pairs, info.seconds = len(new), len(flags), time.perf_counter() - started
+    return flags, scope, info
 
 
 # ------------------------------------------------------------------------------ judging
@@ -517,7 +574,8 @@ def _settle_all(effective: list, touched: set[int], decided: dict[int, dict], sc
 
 
 def judge(columns: Columns, rules: Rules, *, derived_dir: Path | None = None, near: bool = False,
-          device: str = "auto", workers: int = 8, previous_digest: str | None = None) -> Judgement:
+          device: str = "auto", workers: int = 8, previous_digest: str | None = None,
+          incremental: bool = False) -> Judgement:
     """Every rule in priority order (size, exact duplicates, then near duplicates when `near`)."""
     keep = read_keep_ids(rules.keep_ids)
     effective = list(columns.flags)
@@ -531,7 +589,7 @@ def judge(columns: Columns, rules: Rules, *, derived_dir: Path | None = None, ne
     info = None
     if near and derived_dir is not None:
         decided, scope, info = near_flags(columns, effective, rules, keep, derived_dir, device=device,
-                                          workers=workers, previous=previous_digest)
+                                          workers=workers, previous=previous_digest, incremental=incremental)
         _settle_all(effective, touched, decided, scope, ("near_duplicate",))
         if info.digest is not None and not info.skipped:
             info.digest = near_digest(columns, near_pool(columns, effective), effective, rules.near_duplicate, keep)
@@ -633,7 +691,7 @@ def curate_after_stage(opts, device: str) -> Judgement:
     manifest = read_manifest(opts.manifest)
     judgement = judge(columns_of_manifest(manifest), rules, derived_dir=opts.derived_dir, near=True, device=device,
                       workers=max(8, getattr(opts, "num_workers", 0) or 0),  # reader threads: the files are small
-                      previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"))
+                      previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"), incremental=True)
     apply_to_manifest(manifest, judgement)
     write_state(opts.derived_dir, judgement.near.digest if judgement.near else None)
     remember_rules(opts.derived_dir, rules)

@@ -552,3 +552,36 @@ def test_planted_near_duplicates_are_found_in_random_embeddings() -> None:
     assert result.status == "ok" and [g.met for g in result.goals] == [True]
     assert result.value("20,000 embeddings: near-duplicate search") > 0 and "extrapolated" in result.row(
         "20,000 embeddings: near-duplicate search").note
+
+
+def test_a_run_judges_only_new_images_against_the_cached_kept_embeddings(tmp_path: Path, monkeypatch) -> None:
+    """Adding images to a big dataset compares them with the kept images' cached embeddings, reading
+    no other side file; decisions made before stand (a new larger copy is flagged, not the old one)."""
+    from prep import nearcache
+
+    rng = np.random.default_rng(5)
+    derived = tmp_path / "derived"
+    vectors = {name: rng.normal(size=1024) for name in ("a", "c", "f")}
+    records = [stamped("a", 64, vectors["a"], derived), stamped("c", 64, vectors["c"], derived),
+               stamped("b", 48, vectors["a"] + rng.normal(scale=0.01, size=1024), derived)]
+    rules = curate.Rules(near_duplicate=0.99)
+    columns, manifest = columns_for(tmp_path, records)
+    first = curate.judge(columns, rules, derived_dir=derived, near=True, device="cpu", incremental=True)
+    assert {columns.ids[i]: f["duplicate_of"] for i, f in first.changes.items() if f} == {"b": "a"}
+    assert nearcache.load(derived).ids == ["a", "c"]  # the full judgement wrote the kept embeddings
+    manifest = curate.apply_to_manifest(manifest, first)
+    records = [manifest.record(row) for row in range(len(manifest))]
+    records += [stamped("d", 96, vectors["c"] + rng.normal(scale=0.01, size=1024), derived),  # larger copy of c
+                stamped("f", 64, vectors["f"], derived), stamped("g", 32, vectors["f"], derived)]
+    read = []
+    real = curate.load_embeddings
+    monkeypatch.setattr(curate, "load_embeddings", lambda base, ids, **k: read.extend(ids) or real(base, ids, **k))
+    columns, manifest = columns_for(tmp_path, records)
+    second = curate.judge(columns, rules, derived_dir=derived, near=True, device="cpu", incremental=True,
+                          previous_digest=first.near.digest)
+    assert sorted(read) == ["d", "f", "g"]  # only the new images' files
+    flags = {columns.ids[i]: f["duplicate_of"] for i, f in second.changes.items() if f}
+    assert flags == {"d": "c", "g": "f"}  # c stays kept; the new pair keeps the larger (f)
+    assert sorted(nearcache.load(derived).ids) == ["a", "c", "f"]
+    full = curate.judge(columns, rules, derived_dir=derived, near=True, device="cpu")  # `prep curate`: from scratch
+    assert {columns.ids[i]: f["duplicate_of"] for i, f in full.changes.items() if f}["c"] == "d"
