@@ -97,7 +97,26 @@ def measure(n: int, blocks: int | None, device: str) -> dict:
     }  # fmt: skip
 
 
+def measure_incremental(n: int, new: int = 200) -> dict:
+    """A run adding `new` images: their best match among `n` cached kept embeddings (`prep.nearcache`)."""
+    from prep.nearcache import best_matches
+
+    rng = np.random.default_rng(1)
+    kept = rng.standard_normal((n, DIM), dtype=np.float32)
+    kept /= np.linalg.norm(kept, axis=1, keepdims=True)
+    kept = kept.astype(np.float16)
+    queries = kept[:new].astype(np.float32)
+    started = time.perf_counter()
+    best, score = best_matches(queries, kept)
+    seconds = time.perf_counter() - started
+    return {"n": n, "new": new, "seconds": seconds, "all_found": bool((best == np.arange(new)).all()),
+            "peak_rss_mb": peak_rss_mb()}
+
+
 def child_main(argv: list[str]) -> None:
+    if argv[0] == "incremental":
+        print(json.dumps(measure_incremental(int(argv[1]))))
+        return
     n, blocks, device = int(argv[0]), (None if argv[1] == "all" else int(argv[1])), argv[2]
     print(json.dumps(measure(n, blocks, device)))
 
@@ -127,7 +146,14 @@ def run_curate_bench(sizes: tuple[int, int], device: str = "auto") -> BenchResul
                 recall == 1.0 and full["false_flags"] == 0)
     partial = run_size(large, PARTIAL_BLOCKS, device)
     _add_size(result, partial, baseline)
-    result.extra["runs"] = {str(small): full, str(large): partial}
+    runs = {}
+    for n in sizes:
+        cmd = [sys.executable, "-c", "import sys; from prep.bench.curate_bench import child_main; "
+               "child_main(sys.argv[1:])", "incremental", str(n)]
+        runs[n] = json.loads(run_child(cmd, timeout=3600, env=child_env()).stdout.strip().splitlines()[-1])
+        result.add(f"a run adding 200 images: judged against {n:,} cached kept embeddings", runs[n]["seconds"], "s",
+                   note=f"peak RSS {runs[n]['peak_rss_mb']:.0f} MB; every planted copy found: {runs[n]['all_found']}")
+    result.extra["runs"] = {str(small): full, str(large): partial, "incremental": runs}
     return result
 
 
