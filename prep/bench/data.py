@@ -274,6 +274,7 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
                             caption_tokens)
     _copy_metadata(seed_dir, paths)
     _replicate(seed_dir, paths, n, progress)
+    _finish_curation(paths, n)
     marker.write_text(json.dumps(params) + "\n")
     return paths
 
@@ -308,5 +309,50 @@ def _replicate(seed_dir: Path, paths: dict[str, Path], n: int, progress: bool) -
             for folder in folders:
                 linker.link(seed_dir / "derived" / folder / f"{template['image_id']}.npy",
                             paths["derived"] / folder / f"{image_id}.npy")
-            out.write(orjson.dumps(dict(template, image_id=image_id, image_path=str(image))) + b"\n")
+            out.write(orjson.dumps(_replica(template, image_id, str(image), i)) + b"\n")
     linker.close()
+
+
+def _replica(template: dict, image_id: str, image_path: str, i: int) -> dict:
+    """The template record as another photo: new id and path, and an image hash of its own (the
+    files are hard links of a few templates, but a real dataset holds distinct images: without
+    this every replica would be an exact duplicate). prep hashes a file only when its size or
+    mtime changed, so the stand-in hash stands."""
+    import hashlib
+
+    old = template["image_fingerprint"]["sha256"]
+    new = hashlib.sha256(f"{old}/{i}".encode()).hexdigest()
+    record = dict(template, image_id=image_id, image_path=image_path)
+    record["image_fingerprint"] = dict(template["image_fingerprint"], sha256=new)
+    record["provenance"] = {
+        kind: dict(stamp, image_sha256=new) if stamp.get("image_sha256") == old else stamp
+        for kind, stamp in template["provenance"].items()
+    }
+    return record
+
+
+def _finish_curation(paths: dict[str, Path], n: int) -> None:
+    """What a finished run leaves for curation: its state (nothing changed since the last judgement)
+    and the kept images' embeddings (distinct unit vectors, as distinct photos have)."""
+    from prep import curate, nearcache
+    from prep.manifest import read_manifest
+
+    manifest = read_manifest(paths["manifest"])
+    rules = curate.rules_for(None, paths["derived"])
+    judgement = curate.judge(curate.columns_of_manifest(manifest), rules)  # the size rules, as a run applies them
+    if judgement.changes:
+        manifest = curate.apply_to_manifest(manifest, judgement)
+    columns = curate.columns_of_manifest(manifest)
+    keep: set[str] = set()
+    pool = curate.near_pool(columns, list(columns.flags))
+    curate.write_state(paths["derived"], curate.near_digest(columns, pool, list(columns.flags),
+                                                            rules.near_duplicate, keep))
+    index = np.flatnonzero(pool)
+    rng = np.random.default_rng(0)
+    matrix = np.empty((len(index), DINOV3_DIM), dtype=np.float16)
+    for start in range(0, len(index), 65536):
+        block = rng.standard_normal((min(65536, len(index) - start), DINOV3_DIM), dtype=np.float32)
+        matrix[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    nearcache.save(paths["derived"], nearcache.KeptEmbeddings(
+        [columns.ids[i] for i in index.tolist()], columns.embedding_stamp[index], matrix,
+        nearcache.settings_key(rules.near_duplicate, keep)))
