@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import journal, provenance, stages, store
@@ -40,6 +40,9 @@ from prep.tally import Tally, progress_line, refreshed_line
 logger = logging.getLogger("prep")
 
 __all__ = ["RunOptions", "RunSummary", "run", "run_job"]
+
+
+CPU_THREADS = 1  # --cpu-threads default (see set_cpu_threads)
 
 
 class RunError(UserError):
@@ -98,6 +101,10 @@ def check_inputs(opts: RunOptions) -> None:
         raise RunError(f"--buckets: {exc}") from None
     if (opts.batch_size is not None and opts.batch_size < 1) or opts.text_batch_size < 1:
         raise RunError("batch sizes must be >= 1")
+    if (opts.batch_pixels is not None and opts.batch_pixels < 1) or (opts.cpu_threads is not None and opts.cpu_threads < 1):
+        raise RunError("--batch-pixels and --cpu-threads must be >= 1")
+    if opts.memory_budget_gb is not None and opts.memory_budget_gb < 0:
+        raise RunError("--memory-budget-gb must be >= 0")
     if opts.pass_ not in ("all", "migrate", *stages.STAGES):
         raise RunError(f"--pass {opts.pass_}: choose all, migrate or one of {', '.join(stages.STAGES)}")
 
@@ -206,11 +213,15 @@ def prepare(opts: RunOptions, tally: Tally) -> None:
 class PassStats:
     """Timing of one pass on one rank: the figures the benchmarks read."""
 
-    kind: str
+    kind: str  # the stage, or "caption+dinov3+vae" for image stages that shared one pass
     records: int = 0
     load_seconds: float = 0.0
-    encode_seconds: float = 0.0  # wall time of the map, model loading excluded
-    model_seconds: float = 0.0  # time inside the model's forward / generate
+    encode_seconds: float = 0.0  # wall time of the pass, model loading excluded
+    model_seconds: float = 0.0  # time inside the models' forward / generate
+    reads: int = 0  # image files read (one per record in an image pass)
+    decodes: int = 0  # image decodes (one per record when its stages agree on the JPEG draft scale)
+    warmup_seconds: float = 0.0  # --compile: first batch of each input shape, compilation included
+    stages: dict = field(default_factory=dict)  # per stage: records, model_seconds
 
     @property
     def model_share(self) -> float:
@@ -240,12 +251,32 @@ def expected_config(stage, opts: RunOptions, model: ResolvedModel | None, device
     return fields
 
 
-def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
-    """One stage on every rank: filter its stride -> load -> map -> unload -> fold (main rank)."""
-    from prep.passes import AsyncWriter, PassContext, run_pass_on_shard
-    from prep.progress import progress
+def stage_groups(selected: list) -> list[list]:
+    """The passes, in run order: consecutive image stages share one pass (each image is read and
+    decoded once for all of them); a stage reading captions runs alone, after the captioner's
+    pass is folded in. A step that must see one stage's results before the next stage starts
+    (curation between stages) ends a group there."""
+    groups: list[list] = []
+    for stage in selected:
+        if groups and stage.reads == stages.IMAGE and groups[-1][-1].reads == stages.IMAGE:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
 
-    device = device_for(opts, state)
+
+@dataclass
+class StagePlan:
+    """One stage's work on this rank, decided before any model loads."""
+
+    stage: object
+    model: ResolvedModel | None
+    todo: object  # the filtered projection Dataset
+    stale: dict
+
+
+def plan_on_rank(stage, dataset, opts: RunOptions, models: dict, device: str, journal_) -> StagePlan:
+    """The `needs` filter of one stage over this rank's records; refreshed file stamps journaled."""
     model = models.get(stage.name)
     yard = Yardstick(
         derived_dir=opts.derived_dir,
@@ -254,54 +285,39 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
         recaption=opts.recaption,
         redo=read_redo(opts.derived_dir),
     )
-    manifest = read_manifest(opts.manifest)
-    dataset = manifest.to_dataset()
-    if state.num_processes > 1:
-        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
     todo, work = plan_stage(dataset, stage, yard)
-    del manifest
-    journal_ = journal.Journal(opts.manifest, state.process_index)
     if work.refreshed:
         journal_.append(
             {"image_id": row_id, f"provenance.{stage.name}.file": stamp}
             for row_id, stamp in _ids_of(todo_source=dataset, refreshed=work.refreshed)
         )
-    total = sum(_gather(state, len(todo)))
-    if state.is_main_process and (total or work.stale):
-        stale = sum(1 for why in work.stale.values() if why.startswith("stale"))
-        kept = " (kept: --keep-stale)" if opts.keep_stale and stale else ""
-        logger.info("%s: %d records need work%s%s", stage.name, total, f", {stale} stale" if stale else "", kept)
-    stats = PassStats(stage.name, records=len(todo))
+    return StagePlan(stage, model, todo, work.stale)
+
+
+def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
+    """One stage on every rank (see `run_stages`)."""
+    return run_stages([stage], opts, state, models, tally)[0]
+
+
+def run_stages(group: list, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> list[PassStats]:
+    """A group of stages on every rank: filter each one's stride -> load the models that fit
+    together -> one pass per resident group -> unload -> fold the journals (main rank)."""
+    device = device_for(opts, state)
+    manifest = read_manifest(opts.manifest)
+    dataset = manifest.to_dataset()
+    if state.num_processes > 1:
+        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
+    journal_ = journal.Journal(opts.manifest, state.process_index)
+    plans = [plan_on_rank(stage, dataset, opts, models, device, journal_) for stage in group]
+    del manifest
+    totals = _gather(state, [len(plan.todo) for plan in plans])
+    if state.is_main_process:
+        for index, plan in enumerate(plans):
+            log_work(plan, sum(counts[index] for counts in totals), opts)
+    stats: list[PassStats] = []
     metadata_updates: dict = {}
-    if len(todo):
-        started = time.perf_counter()
-        encoder = stage.load(model, device=device, dtype=opts.dtype, opts=opts)
-        stats.load_seconds = time.perf_counter() - started
-        config = stage_config(stage, opts, model, str(encoder.dtype))
-        metadata_updates = models_used(stage, model, encoder, config)
-        ctx = PassContext(
-            stage=stage, opts=opts, encoder=encoder, journal=journal_, writer=AsyncWriter(), tally=tally,
-            is_main=state.is_main_process, config=config, stale=work.stale,
-        )
-        ctx.bar = progress(total=len(todo), desc=stage.name, unit="img" if stage.reads != "caption" else "caption")
-        try:
-            encode_started = time.perf_counter()
-            run_pass_on_shard(ctx, todo, device=device)
-            ctx.writer.drain()
-            stats.encode_seconds = time.perf_counter() - encode_started
-            stats.model_seconds = ctx.model_seconds
-        finally:
-            ctx.bar.close()
-            ctx.writer.close()
-            encoder.unload()
-            del encoder, ctx.encoder
-            free_memory()
-        elapsed = time.perf_counter() - started
-        logger.info(
-            "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
-            stage.name, state.process_index, len(todo), elapsed, len(todo) / max(elapsed, 1e-9),
-            stats.load_seconds, 100 * stats.model_share,
-        )
+    for together in resident(plans, opts, device):
+        stats.append(encode_together(together, opts, state, device, journal_, tally, metadata_updates))
     journal_.close()
     updates = _gather(state, metadata_updates)
     state.wait_for_everyone()
@@ -310,7 +326,112 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
         journal.merge_into_manifest(opts.manifest)
         journal.clear(opts.manifest)
     state.wait_for_everyone()
+    return stats or [PassStats("+".join(stage.name for stage in group))]
+
+
+def log_work(plan: StagePlan, total: int, opts: RunOptions) -> None:
+    if total or plan.stale:
+        stale = sum(1 for why in plan.stale.values() if why.startswith("stale"))
+        kept = " (kept: --keep-stale)" if opts.keep_stale and stale else ""
+        logger.info("%s: %d records need work%s%s", plan.stage.name, total, f", {stale} stale" if stale else "", kept)
+
+
+def resident(plans: list[StagePlan], opts: RunOptions, device: str) -> list[list[StagePlan]]:
+    """The stages with work on this rank, in groups whose models fit in memory together (`prep.residency`)."""
+    from prep import residency
+    from prep.models import resolve_dtype
+    from prep.stages.base import DEFAULT_BATCH_PIXELS
+
+    busy = [plan for plan in plans if len(plan.todo)]
+    if len(busy) <= 1:
+        return [busy] if busy else []
+    itemsize = resolve_dtype(opts.dtype, device).itemsize
+    footprints = [
+        residency.footprint(plan.stage.name, residency.checkpoint_folder(plan.model), itemsize,
+                            has_model=plan.model is not None)
+        for plan in busy
+    ]
+    largest = max(w * h for w, h in opts.bucket_list())
+    budget_pixels = opts.batch_pixels or (DEFAULT_BATCH_PIXELS if str(device).startswith("cuda") else 0)
+    batch_pixels = opts.batch_size * largest if opts.batch_size else max(budget_pixels, largest)
+    budget = residency.memory_budget(device, opts.memory_budget_gb)
+    reserve = residency.working_reserve(footprints, batch_pixels, itemsize)
+    groups = residency.resident_groups(footprints, budget, reserve)
+    sizes = ", ".join(f"{f.name} {f.weights / 1e9:.2f} GB" if f.weights is not None else f"{f.name} unknown"
+                      for f in footprints)
+    how = "together" if len(groups) == 1 else "as " + " | ".join("+".join(g) for g in groups)
+    logger.info("image pass: models %s (weights %s; budget %.1f GB, reserve %.1f GB)",
+                how, sizes, budget / 1e9, reserve / 1e9)
+    by_name = {plan.stage.name: plan for plan in busy}
+    return [[by_name[name] for name in group] for group in groups]
+
+
+def encode_together(plans: list[StagePlan], opts: RunOptions, state, device: str, journal_, tally: Tally,
+                    metadata_updates: dict) -> PassStats:
+    """Load the plans' models, run one pass over their records, unload; this rank's PassStats."""
+    from prep.passes import AsyncWriter, run_pass
+    from prep.progress import progress
+
+    kind = "+".join(plan.stage.name for plan in plans)
+    records = len(set().union(*(plan.todo["row"] for plan in plans)))
+    stats = PassStats(kind, records=records)
+    writer = AsyncWriter()
+    ctxs: list = []
+    started = time.perf_counter()
+    bar = None
+    try:
+        for plan in plans:
+            ctxs.append(start_context(plan, opts, state, device, journal_, tally, writer, metadata_updates))
+        stats.load_seconds = time.perf_counter() - started
+        text = all(plan.stage.reads == stages.CAPTION for plan in plans)
+        bar = ctxs[0].bar = progress(total=records, desc=kind, unit="caption" if text else "img")
+        encode_started = time.perf_counter()
+        counts = run_pass(ctxs, {plan.stage.name: plan.todo for plan in plans}, device=device)
+        writer.drain()
+        stats.encode_seconds = time.perf_counter() - encode_started
+        stats.reads, stats.decodes = counts.reads, counts.decodes
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        for ctx in ctxs:
+            ctx.encoder.unload()
+        free_memory()
+    stats.model_seconds = sum(ctx.model_seconds for ctx in ctxs)
+    stats.warmup_seconds = sum(ctx.warmup_seconds for ctx in ctxs)
+    stats.stages = {ctx.kind: {"records": len(plan.todo), "model_seconds": ctx.model_seconds}
+                    for ctx, plan in zip(ctxs, plans, strict=True)}
+    log_pass(stats, state, time.perf_counter() - started)
     return stats
+
+
+def start_context(plan: StagePlan, opts: RunOptions, state, device: str, journal_, tally: Tally, writer,
+                  metadata_updates: dict):
+    """Load one stage's model (compiled with --compile) and make its PassContext."""
+    from prep.passes import PassContext
+
+    encoder = plan.stage.load(plan.model, device=device, dtype=opts.dtype, opts=opts)
+    compiled = bool(opts.compile and encoder.compile())
+    config = stage_config(plan.stage, opts, plan.model, str(encoder.dtype))
+    for key, value in models_used(plan.stage, plan.model, encoder, config).items():
+        if key == "models":
+            metadata_updates.setdefault("models", {}).update(value)
+        else:
+            metadata_updates[key] = value
+    return PassContext(
+        stage=plan.stage, opts=opts, encoder=encoder, journal=journal_, writer=writer, tally=tally,
+        is_main=state.is_main_process, config=config, stale=plan.stale, compiled=compiled,
+    )
+
+
+def log_pass(stats: PassStats, state, elapsed: float) -> None:
+    decodes = f"; {stats.decodes / stats.records:.2f} decodes per image" if stats.reads else ""
+    warmup = f"; compile warm-up {stats.warmup_seconds:.1f} s" if stats.warmup_seconds else ""
+    logger.info(
+        "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model%s%s)",
+        stats.kind, state.process_index, stats.records, elapsed, stats.records / max(elapsed, 1e-9),
+        stats.load_seconds, 100 * stats.model_share, decodes, warmup,
+    )
 
 
 def _ids_of(*, todo_source, refreshed: dict[int, dict]):
@@ -368,6 +489,16 @@ def device_for(opts: RunOptions, state) -> str:
     return str(state.device) if opts.device == "auto" else opts.device
 
 
+def set_cpu_threads(opts: RunOptions, device: str) -> None:
+    """On a CPU, every process runs its models on the same number of threads (--cpu-threads, default
+    1): CPU kernels split their work by thread count, and the last bits of a result follow the split,
+    so results would otherwise depend on how many ranks share the machine."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(opts.cpu_threads or CPU_THREADS)
+
+
 def make_state(opts: RunOptions):
     """Accelerate's PartialState; on a machine without CUDA it runs ranks on the CPU (gloo)."""
     import torch
@@ -422,6 +553,7 @@ def run_job(opts: RunOptions) -> RunSummary:
     check_inputs(opts)
     state = make_state(opts)
     exit_with_launcher()
+    set_cpu_threads(opts, device_for(opts, state))
     started = time.perf_counter()
     with state.main_process_first():
         models = resolve_models(opts)
@@ -434,7 +566,8 @@ def run_job(opts: RunOptions) -> RunSummary:
             bind_derived_dir(opts)
             prepare(opts, tally)
         state.wait_for_everyone()
-        passes = [run_stage(stage, opts, state, models, tally) for stage in opts.selected_stages()]
+        passes = [stats for group in stage_groups(opts.selected_stages())
+                  for stats in run_stages(group, opts, state, models, tally)]
         merged = gather_tallies(state, tally)
         code, counts = 0, {}
         if state.is_main_process:

@@ -58,12 +58,13 @@ def child_pipeline(out: Path, run_args: list[str]) -> int:
     import psutil
 
     from prep.cli import build_parser, setup_logging
-    from prep.pipeline import RunOptions, run_job
+    from prep.options import run_options_from
+    from prep.pipeline import run_job
 
     imported = time.time()
     args = build_parser().parse_args(["run", *run_args])
     setup_logging(False)
-    summary = run_job(RunOptions.from_args(args))
+    summary = run_job(run_options_from(args))
     rank = int(os.environ.get("RANK", "0"))
     payload = {
         "rank": rank,
@@ -185,12 +186,14 @@ def run_naive(work: Path, images: Path, buckets: str, models: dict) -> dict:
 
 
 def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes: int, workers: int,
-                 batch_size: int, threads: int | None = None, pass_: str = "all", dtype: str = DTYPE) -> dict:
+                 batch_size: int, threads: int | None = None, pass_: str = "all", dtype: str = DTYPE,
+                 extra: tuple[str, ...] = ()) -> dict:
     """A fresh `prep run` (1 process, or 2 ranks under accelerate); per-rank PassStats merged.
 
-    `threads` sets OMP_NUM_THREADS for the ranks (accelerate launch sets 1 per rank itself).
+    `threads` is `--cpu-threads` (the models' threads per process; default 1); `extra` more flags.
     """
-    tag = f"p{processes}w{workers}b{batch_size}" + (f"t{threads}" if threads else "")
+    tag = f"p{processes}w{workers}b{batch_size}" + (f"t{threads}" if threads else "") + "".join(
+        a.strip("-")[:3] for a in extra)
     run_dir = work / tag
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -199,7 +202,7 @@ def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes
         "--images", str(images), "--manifest", str(run_dir / "manifest.jsonl"),
         "--output-base-dir", str(run_dir / "derived"), "--buckets", buckets, "--min-free-gb", "0",
         "--batch-size", str(batch_size), "--num-workers", str(workers), "--dtype", dtype, "--pass", pass_,
-        *model_args(models),
+        *(["--cpu-threads", str(threads)] if threads else []), *extra, *model_args(models),
     ]
     script = [str(THIS), "--child", str(out), "--", *run_args]
     if processes == 1:
@@ -208,18 +211,23 @@ def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", *script]
-    wall, cpu, _ = _timed(cmd, child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {})))
+    wall, cpu, _ = _timed(cmd, child_env())
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
-    kinds = [p["kind"] for p in ranks[0]["passes"]]
+    kinds = list(dict.fromkeys(p["kind"] for r in ranks for p in r["passes"]))
     per_pass = {}
     for kind in kinds:
-        stats = [next(p for p in r["passes"] if p["kind"] == kind) for r in ranks]
+        stats = [p for r in ranks for p in r["passes"] if p["kind"] == kind]
         per_pass[kind] = {
             "records": sum(s["records"] for s in stats),
             "load": max(s["load_seconds"] for s in stats),
             "encode": max(s["encode_seconds"] for s in stats),  # ranks run a pass side by side
             "model": max(s["model_seconds"] for s in stats),
             "model_share": min((s["model_share"] for s in stats if s["encode_seconds"]), default=0.0),
+            "reads": sum(s.get("reads", 0) for s in stats),
+            "decodes": sum(s.get("decodes", 0) for s in stats),
+            "warmup": max(s.get("warmup_seconds", 0.0) for s in stats),
+            "stages": {name: max(s.get("stages", {}).get(name, {}).get("model_seconds", 0.0) for s in stats)
+                       for name in dict.fromkeys(n for s in stats for n in s.get("stages", {}))},
         }
     return {
         "tag": tag, "processes": processes, "workers": workers, "batch_size": batch_size, "threads": threads,
