@@ -221,6 +221,7 @@ class PassStats:
     reads: int = 0  # image files read (one per record in an image pass)
     decodes: int = 0  # image decodes (one per record when its stages agree on the JPEG draft scale)
     warmup_seconds: float = 0.0  # --compile: first batch of each input shape, compilation included
+    cpu_seconds: float = 0.0  # CPU time of this rank and its decoding workers during the pass
     stages: dict = field(default_factory=dict)  # per stage: records, model_seconds
 
     @property
@@ -385,10 +386,11 @@ def encode_together(plans: list[StagePlan], opts: RunOptions, state, device: str
         stats.load_seconds = time.perf_counter() - started
         text = all(plan.stage.reads == stages.CAPTION for plan in plans)
         bar = ctxs[0].bar = progress(total=records, desc=kind, unit="caption" if text else "img")
-        encode_started = time.perf_counter()
+        encode_started, cpu_started = time.perf_counter(), process_cpu_seconds()
         counts = run_pass(ctxs, {plan.stage.name: plan.todo for plan in plans}, device=device)
         writer.drain()
         stats.encode_seconds = time.perf_counter() - encode_started
+        stats.cpu_seconds = process_cpu_seconds() - cpu_started
         stats.reads, stats.decodes = counts.reads, counts.decodes
     finally:
         if bar is not None:
@@ -403,6 +405,17 @@ def encode_together(plans: list[StagePlan], opts: RunOptions, state, device: str
                     for ctx, plan in zip(ctxs, plans, strict=True)}
     log_pass(stats, state, time.perf_counter() - started)
     return stats
+
+
+def process_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pass's decoding workers, once joined)."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def start_context(plan: StagePlan, opts: RunOptions, state, device: str, journal_, tally: Tally, writer,

@@ -286,3 +286,18 @@ def test_cpu_features_name_the_flags_that_matter() -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert found["native_bf16"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
     json.dumps(found)
+
+
+def test_every_model_attends_with_pytorch_sdpa(tiny_models) -> None:
+    """transformers picks SDPA where a model supports it and diffusers' attention uses it: no eager fallback."""
+    from prep.stages.dinov3 import DINOv3Encoder
+    from prep.stages.t5 import T5Encoder
+
+    assert DINOv3Encoder.load(str(tiny_models["dinov3"]), device="cpu").model.config._attn_implementation == "sdpa"
+    captioner = Captioner.load(str(tiny_models["captioner"]), device="cpu")
+    assert captioner.model.config._attn_implementation == "sdpa"
+    assert captioner.model.config.text_config._attn_implementation == "sdpa"
+    vae = VAEEncoder.load(str(tiny_models["vae"]), device="cpu")
+    assert {type(p).__name__ for p in vae.model.attn_processors.values()} == {"AttnProcessor2_0"}
+    t5 = T5Encoder.load(str(tiny_models["t5"]), device="cpu")
+    assert t5.model.config._attn_implementation == "sdpa"

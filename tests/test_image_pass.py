@@ -23,9 +23,9 @@ BUCKETS = "64x64,64x128,128x64,96x96"
 PER_STAGE = ("migrate", "caption", "dinov3", "vae", "t5")
 
 
-def run_args(work: Path, images: Path, models: dict, *extra: str) -> list[str]:
+def run_args(work: Path, images: Path, models: dict, *extra: str, batch: int = 3, workers: int = 0) -> list[str]:
     return ["--images", str(images), "--manifest", str(work / "manifest.jsonl"), "--derived-dir", str(work / "derived"),
-            "--buckets", BUCKETS, "--min-free-gb", "0", "--num-workers", "0", "--batch-size", "3",
+            "--buckets", BUCKETS, "--min-free-gb", "0", "--num-workers", str(workers), "--batch-size", str(batch),
             *model_flags(models, caption_max_new_tokens=6), *extra]
 
 
@@ -232,3 +232,29 @@ def test_a_failing_input_fails_only_its_stage(tmp_path, tiny_models, sample_imag
     assert len(list((tmp_path / "derived" / "dinov3").glob("*.npy"))) == 13
     assert len(list((tmp_path / "derived" / "vae_latents").glob("*.npy"))) == 14
     assert all(r.get("caption") for r in records(tmp_path))
+
+
+def test_one_rank_and_two_ranks_write_the_same_bytes(tmp_path, tiny_models, sample_images) -> None:
+    """At batch size 1 every rank runs the same kernels on the same inputs: the same bits, whatever
+    the number of ranks (each process uses --cpu-threads threads, 1 by default, not the launcher's)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    outputs = []
+    for name, prefix in (("one", [sys.executable]), ("two", launcher)):
+        work = tmp_path / name
+        # buckets big enough for the CPU kernels to split their work between threads (with 2 threads in
+        # one process and 1 per rank, these latents differ in their last bits)
+        args = run_args(work, sample_images[0].parent, tiny_models, "--pass", "vae", "--buckets",
+                        "192x192,128x256,256x128", batch=1, workers=1)
+        proc = subprocess.run([*prefix, str(repo / "prep" / "run.py"), *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(side_files(work))
+    assert outputs[0] and outputs[0] == outputs[1]

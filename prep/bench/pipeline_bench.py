@@ -186,7 +186,7 @@ def run_naive(work: Path, images: Path, buckets: str, models: dict) -> dict:
 
 
 def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes: int, workers: int,
-                 batch_size: int, threads: int | None = None, pass_: str = "all", dtype: str = DTYPE,
+                 batch_size: int | None, threads: int | None = None, pass_: str = "all", dtype: str = DTYPE,
                  extra: tuple[str, ...] = ()) -> dict:
     """A fresh `prep run` (1 process, or 2 ranks under accelerate); per-rank PassStats merged.
 
@@ -201,7 +201,8 @@ def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes
     run_args = [
         "--images", str(images), "--manifest", str(run_dir / "manifest.jsonl"),
         "--output-base-dir", str(run_dir / "derived"), "--buckets", buckets, "--min-free-gb", "0",
-        "--batch-size", str(batch_size), "--num-workers", str(workers), "--dtype", dtype, "--pass", pass_,
+        *(["--batch-size", str(batch_size)] if batch_size else []), "--num-workers", str(workers), "--dtype", dtype,
+        "--pass", pass_,
         *(["--cpu-threads", str(threads)] if threads else []), *extra, *model_args(models),
     ]
     script = [str(THIS), "--child", str(out), "--", *run_args]
@@ -226,6 +227,7 @@ def run_pipeline(work: Path, images: Path, buckets: str, models: dict, processes
             "reads": sum(s.get("reads", 0) for s in stats),
             "decodes": sum(s.get("decodes", 0) for s in stats),
             "warmup": max(s.get("warmup_seconds", 0.0) for s in stats),
+            "cpu": sum(s.get("cpu_seconds", 0.0) for s in stats),
             "stages": {name: max(s.get("stages", {}).get(name, {}).get("model_seconds", 0.0) for s in stats)
                        for name in dict.fromkeys(n for s in stats for n in s.get("stages", {}))},
         }
