@@ -336,7 +336,9 @@ def run_image_pass(ctxs: list[PassContext], todos: dict[str, object], *, device)
     table = input_table({ctx.kind: stage_inputs(ctx) for ctx in ctxs}, work)
     feeds = {ctx.kind: feed_for(ctx, table, device) for ctx in ctxs}
     lead = ctxs[0]
-    loader_batch = max(size for feed in feeds.values() for size in feed.sizes.values())
+    # the loader's batches are only the unit of prefetch: the smallest stage batch bounds the decoded
+    # images waiting in memory (workers x 4 batches)
+    loader_batch = min(size for feed in feeds.values() for size in feed.sizes.values())
     loader = make_image_loader(ImageRecords(work, table), batch_size=min(loader_batch, 64),
                                num_workers=lead.opts.num_workers)
     counts = ImagePassCounts()

@@ -134,3 +134,16 @@ def test_every_result_names_the_cpu_flags_that_matter(tmp_path) -> None:
     assert {"cpu_capability", "cpu_flags", "native_bf16"} <= set(info)
     _, md_path = write_results(tmp_path, [BenchResult("x")], quick=True, info=info)
     assert "CPU kernels " in md_path.read_text()
+
+
+def test_ulp_distance_counts_float16_steps_across_zero() -> None:
+    import numpy as np
+
+    from prep.bench.pipeline_bench import _ordered
+
+    values = np.array([0.0, -0.0, 1.0, np.nextafter(np.float16(1.0), np.float16(2.0)), -np.float16(6e-8), 6e-8],
+                      dtype=np.float16)
+    ordered = _ordered(values)
+    assert ordered[0] == ordered[1]  # +0 and -0
+    assert ordered[3] - ordered[2] == 1  # neighbours
+    assert ordered[5] - ordered[4] == 2  # the smallest subnormals on both sides of zero

@@ -134,8 +134,9 @@ def run_vae_bench(cache: Path, work: Path, *, n_images: int, bare_images: int, s
 
     shares = []
     for batch in batch_sizes:
+        # the model on as many threads as the bare loop's (torch's default: one per core)
         run = run_pipeline(work, infos[0].path.parent, f"{size}x{size}", models, processes=1, workers=1,
-                           batch_size=batch, pass_="vae", dtype=dtype)
+                           batch_size=batch, threads=bare["threads"], pass_="vae", dtype=dtype)
         stats = run["passes"]["vae"]
         share = stats["model_share"]
         shares.append(share)

@@ -95,6 +95,8 @@ class Captioner(Encoder):
         processor pads a batch), image fields concatenated; tensors on the model's device."""
         import torch
 
+        requests = [{key: torch.as_tensor(value) if hasattr(value, "dtype") else value for key, value in request.items()}
+                    for request in requests]
         text_keys = [key for key in requests[0] if key in TOKEN_FIELDS]
         padded = self.processor.tokenizer.pad(
             [{key: request[key][0] for key in text_keys} for request in requests], padding=True, return_tensors="pt"
@@ -134,8 +136,10 @@ def caption_request(processor, prompt_text: str, image) -> dict:
 
 
 def caption_input(processor, prompt_text: str, decoded) -> dict:
-    """Worker: the captioner's inputs from the pass's shared (full, undrafted) decode."""
-    return caption_request(processor, prompt_text, decoded.image)
+    """Worker: the captioner's inputs from the pass's shared (full, undrafted) decode, as numpy arrays
+    (they travel through the loader's pipe, not /dev/shm; `_collate` makes tensors of them again)."""
+    request = caption_request(processor, prompt_text, decoded.image)
+    return {key: value.numpy() if hasattr(value, "numpy") else value for key, value in request.items()}
 
 
 def render_caption_request(processor, prompt: str) -> str:

@@ -174,10 +174,8 @@ class VAEStage(Stage):
 
 
 def vae_crop(decoded, *, width: int, height: int):
-    """Worker: the bucket crop of a decode as a uint8 (H, W, 3) tensor (shared memory, no pickling) and its box."""
-    import torch
-
+    """Worker: the bucket crop of a decode, uint8 (H, W, 3), and its box (a numpy array travels through the
+    loader's pipe, not /dev/shm, which containers often keep small)."""
     from prep.preprocess import bucket_crop
 
-    array, box = bucket_crop(decoded, width, height)
-    return torch.from_numpy(array), box
+    return bucket_crop(decoded, width, height)
