@@ -177,10 +177,15 @@ def run_gpu_bench(*, device: str | None = None, tiny: bool = False, iters: int =
             low, high = (H100_BF16_DENSE_TFLOPS * m / tflop for m in MFU_RANGE)
             result.add(f"{key}: expected on H100", low, "samples/s", note=f"{low:,.0f}-{high:,.0f} at 30-50% MFU")
         vae_rate = H100_BF16_DENSE_TFLOPS * MFU_RANGE[0] / flops["vae@1024"][0] if "vae@1024" in flops else None
-        per_core = (preprocess_figures or {}).get("pipeline_img_per_cpu_s_1024")
+        figures = preprocess_figures or {}
+        per_core = figures.get("pipeline_img_per_cpu_s_1024")
         if vae_rate and per_core:
             result.add("CPU cores per H100 to decode+resize 1024^2 at the VAE's pace", vae_rate / per_core, "cores",
                        note=f"{vae_rate:.0f} img/s / {per_core:.1f} img/CPU-s measured by preprocess")
+        both = figures.get("image_pass_img_per_cpu_s_1024")
+        if vae_rate and both:
+            result.add("CPU cores per H100 for the image pass's inputs (VAE crop + DINOv3) at the VAE's pace",
+                       vae_rate / both, "cores", note=f"{vae_rate:.0f} img/s / {both:.1f} img/CPU-s measured by preprocess")
         if vae_rate:
             mb_s = vae_rate * sum(BYTES[k] for k in ("vae@1024", "t5@77", "dinov3@224")) / 1e6
             result.add("output written per H100 at that pace (latent + T5 + DINOv3)", mb_s, "MB/s")
