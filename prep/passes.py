@@ -149,16 +149,21 @@ Result = tuple[str, Output, dict, dict | None]  # (image_id, output, input stamp
 
 def commit(ctx: PassContext, results: list[Result]) -> None:
     """Write a batch's arrays to temp files, journal their stamps, then rename them into place."""
-    spec = ctx.stage.artifact
+    commit_group([(ctx, result) for result in results])
+
+
+def commit_group(entries: list[tuple[PassContext, Result]]) -> None:
+    """`commit` for the results of several stages of one pass (journaled in the order given)."""
     temps: list[tuple[Path, Path]] = []
     updates = []
     try:
-        for image_id, output, inputs, fingerprint in results:
+        for ctx, (image_id, output, inputs, fingerprint) in entries:
+            spec = ctx.stage.artifact
             stamp = ctx.stamp(**inputs, **output.inputs)
             update = {"image_id": image_id, **output.fields}
             if fingerprint is not None:
                 update["image_fingerprint"] = fingerprint
-            if ctx.stage.artifact is None and "caption" in output.fields:
+            if spec is None and "caption" in output.fields:
                 stamp.update(source="model", text_sha256=text_sha256(output.fields["caption"]))
             if output.array is not None and spec is not None:
                 path = store.artifact_path(ctx.opts.derived_dir, ctx.kind, image_id)
@@ -168,7 +173,8 @@ def commit(ctx: PassContext, results: list[Result]) -> None:
                 stamp["file"] = file_stamp(data, os.stat(tmp))
             update[f"provenance.{ctx.kind}"] = stamp
             updates.append(update)
-        ctx.journal.append(updates)
+        if entries:
+            entries[0][0].journal.append(updates)
     except BaseException:
         for tmp, _ in temps:
             with contextlib.suppress(OSError):
@@ -177,6 +183,43 @@ def commit(ctx: PassContext, results: list[Result]) -> None:
     for tmp, path in temps:
         store.publish(tmp, path)
     store.fsync_dirs(path for _, path in temps)
+
+
+class RecordGate:
+    """Commits a record's results once every stage of the pass that needs it has answered, all
+    together and in stage order.
+
+    Its journal lines then come in the order per-stage passes write them (so the folded record
+    is the same, key for key, whatever order the stages' batches finished in), and a checkpoint
+    during the pass never folds half a record. A record's early results wait in memory for its
+    last stage (at most a batch of each stage).
+    """
+
+    def __init__(self, writer: AsyncWriter, order: list[str]):
+        self.writer = writer
+        self.rank = {name: index for index, name in enumerate(order)}
+        self.waiting: dict[str, int] = {}
+        self.held: dict[str, list[tuple[PassContext, Result]]] = {}
+        self.ready: list[tuple[PassContext, Result]] = []
+
+    def expect(self, image_id: str, stages: int) -> None:
+        self.waiting[image_id] = stages
+        self.held[image_id] = []
+
+    def answer(self, ctx: PassContext, image_id: str, result: Result | None = None) -> None:
+        """One stage is done with a record: its result, or None when it failed."""
+        if result is not None:
+            self.held[image_id].append((ctx, result))
+        self.waiting[image_id] -= 1
+        if not self.waiting[image_id]:
+            del self.waiting[image_id]
+            self.ready.extend(sorted(self.held.pop(image_id), key=lambda entry: self.rank[entry[0].kind]))
+
+    def release(self) -> None:
+        """Submit the complete records' results as one commit (one journal fsync)."""
+        if self.ready:
+            entries, self.ready = self.ready, []
+            self.writer.submit(commit_group, entries)
 
 
 def run_with_oom_retry(fn: Callable[[list], list], items: list) -> list:
@@ -218,19 +261,18 @@ def encode_items(ctx: PassContext, items: list, shape: object = None) -> list[Ou
 
 
 # ------------------------------------------------------------------------- image passes
-def encode_chunk(ctx: PassContext, chunk: list[tuple[str, object, dict | None]], shape: object = None) -> None:
-    """Encode one batch of a stage's items (image_id, data, fingerprint) and submit its writes."""
+def encode_chunk(ctx: PassContext, gate: RecordGate, chunk: list[tuple[str, object, dict | None]],
+                 shape: object = None) -> None:
+    """Encode one batch of a stage's items (image_id, data, fingerprint); results go to the gate."""
     outputs = encode_items(ctx, [data for _, data, _ in chunk], shape=shape)
-    results: list[Result] = []
     for (image_id, _, fingerprint), output in zip(chunk, outputs, strict=True):
         if output.error is not None:
             ctx.fail(image_id, output.error)
+            gate.answer(ctx, image_id)
             continue
         inputs = {"image_sha256": fingerprint["sha256"] if fingerprint else None}
-        results.append((image_id, output, inputs, fingerprint))
         ctx.succeed(image_id)
-    if results:
-        ctx.writer.submit(commit, ctx, results)
+        gate.answer(ctx, image_id, (image_id, output, inputs, fingerprint))
 
 
 @dataclass
@@ -242,6 +284,7 @@ class Feed:
     """
 
     ctx: PassContext
+    gate: RecordGate
     sizes: dict[str | None, int]  # batch size per queue key (bucket, or None)
     queues: dict[str | None, list] = field(default_factory=dict)
 
@@ -254,13 +297,13 @@ class Feed:
         queue.append(entry)
         if len(queue) >= self.sizes[key]:
             self.queues[key] = []
-            encode_chunk(self.ctx, queue, shape=(key, len(queue)))
+            encode_chunk(self.ctx, self.gate, queue, shape=(key, len(queue)))
 
     def flush(self) -> None:
         """Encode what is left in every queue (the last, short batches)."""
         for key, queue in sorted(self.queues.items(), key=lambda kv: kv[0] or ""):
             if queue:
-                encode_chunk(self.ctx, queue, shape=(key, len(queue)))
+                encode_chunk(self.ctx, self.gate, queue, shape=(key, len(queue)))
         self.queues = {}
 
 
@@ -314,7 +357,7 @@ def stage_inputs(ctx: PassContext):
     return for_bucket
 
 
-def feed_for(ctx: PassContext, table: dict, device) -> Feed:
+def feed_for(ctx: PassContext, gate: RecordGate, table: dict, device) -> Feed:
     """A stage's feed, with its batch size per queue (by the pixels of its inputs when known)."""
     sizes: dict[str | None, int] = {}
     for (name, bucket), transform in table.items():
@@ -324,7 +367,7 @@ def feed_for(ctx: PassContext, table: dict, device) -> Feed:
         key = bucket if ctx.stage.by_bucket else None
         size = ctx.stage.batch_size_for(ctx.opts, device, pixels)
         sizes[key] = min(size, sizes.get(key, size))
-    return Feed(ctx, sizes)
+    return Feed(ctx, gate, sizes)
 
 
 def run_image_pass(ctxs: list[PassContext], todos: dict[str, object], *, device) -> ImagePassCounts:
@@ -334,8 +377,9 @@ def run_image_pass(ctxs: list[PassContext], todos: dict[str, object], *, device)
 
     work = image_work(todos)
     table = input_table({ctx.kind: stage_inputs(ctx) for ctx in ctxs}, work)
-    feeds = {ctx.kind: feed_for(ctx, table, device) for ctx in ctxs}
     lead = ctxs[0]
+    gate = RecordGate(lead.writer, [ctx.kind for ctx in ctxs])
+    feeds = {ctx.kind: feed_for(ctx, gate, table, device) for ctx in ctxs}
     # the loader's batches are only the unit of prefetch: the smallest stage batch bounds the decoded
     # images waiting in memory (workers x 4 batches)
     loader_batch = min(size for feed in feeds.values() for size in feed.sizes.values())
@@ -352,14 +396,18 @@ def run_image_pass(ctxs: list[PassContext], todos: dict[str, object], *, device)
             counts.records += 1
             counts.reads += fingerprint is not None
             counts.decodes += decodes
+            gate.expect(image_id, len(made))
             for name, (data, error) in made.items():
                 if error is not None:
                     feeds[name].ctx.fail(image_id, error)
+                    gate.answer(feeds[name].ctx, image_id)
                 else:
                     feeds[name].put(bucket, (image_id, data, fingerprint))
+        gate.release()
         lead.after_batch(len(items))
     for feed in feeds.values():
         feed.flush()
+    gate.release()
     return counts
 
 

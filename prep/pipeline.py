@@ -426,7 +426,10 @@ def start_context(plan: StagePlan, opts: RunOptions, state, device: str, journal
     encoder = plan.stage.load(plan.model, device=device, dtype=opts.dtype, opts=opts)
     compiled = bool(opts.compile and encoder.compile())
     config = stage_config(plan.stage, opts, plan.model, str(encoder.dtype))
-    for key, value in models_used(plan.stage, plan.model, encoder, config).items():
+    used = models_used(plan.stage, plan.model, encoder, config)
+    if state.is_main_process:  # at once: a run killed later in a shared pass still says which model ran
+        record_models_used(opts, [used])
+    for key, value in used.items():
         if key == "models":
             metadata_updates.setdefault("models", {}).update(value)
         else:
