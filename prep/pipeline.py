@@ -6,10 +6,11 @@ Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
    model fails everywhere at once, before any pass and before anything is created.
 2. The main rank takes the locks (the manifest's, at its resolved path, and the derived
    dir's, which is bound to one manifest) and prepares the manifest alone (`prep.prepare`).
-3. For each stage, every rank reads the manifest's projection (memory-mapped, shared), takes
-   its stride of the records (row % ranks == rank: balanced, and no two ranks touch one
-   record), decides the work with a `Dataset.filter` (`prep.needs`) and runs a batched
-   `Dataset.map` that encodes and writes (`prep.passes`). Record updates go to per-rank
+3. For each pass (the image stages share one, `stage_groups`), every rank reads the
+   manifest's projection (memory-mapped, shared), takes its stride of the records (row %
+   ranks == rank: balanced, and no two ranks touch one record), decides each stage's work
+   with a `Dataset.filter` (`prep.needs`), loads the models that fit together
+   (`prep.residency`) and encodes and writes (`prep.passes`). Record updates go to per-rank
    journals; the main rank folds them into the manifest after each pass (and every
    `--checkpoint-minutes` during one) with a streaming rewrite.
 

@@ -7,7 +7,7 @@ or `artifacts()`. Adding a stage is one new module and one `register(...)` call.
 
 from __future__ import annotations
 
-from prep.stages.base import CAPTION, IMAGE, Artifact, Encoder, ModelSpec, Output, Stage
+from prep.stages.base import CAPTION, IMAGE, Artifact, Encoder, ImageInput, ModelSpec, Output, Stage
 from prep.stages.caption import CaptionStage
 from prep.stages.dinov3 import DINOv3Stage
 from prep.stages.t5 import MASK as T5_MASK
@@ -15,7 +15,7 @@ from prep.stages.t5 import T5Stage
 from prep.stages.vae import VAEStage
 
 __all__ = [
-    "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ModelSpec", "Output", "Stage",
+    "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ImageInput", "ModelSpec", "Output", "Stage",
     "artifact_stages", "artifacts", "file_artifacts", "get", "register", "unregister",
 ]  # fmt: skip
 
@@ -67,8 +67,8 @@ def artifacts() -> dict[str, Artifact]:
     return table
 
 
-# Run order: the image stages first (they share decoded images), then the text stage, which
-# needs the captions the first one wrote.
+# Run order: the image stages first (one image pass: they share each image's read and decode),
+# then the text stage, which needs the captions the first one wrote.
 register(CaptionStage())
 register(DINOv3Stage())
 register(VAEStage())
