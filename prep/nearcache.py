@@ -42,7 +42,7 @@ def load(derived_dir: str | Path) -> KeptEmbeddings | None:
     base = Path(derived_dir)
     try:
         index = json.loads((base / INDEX_FILE).read_text(encoding="utf-8"))
-        matrix = np.load(base / MATRIX_FILE, mmap_mode="r", allow_pickle=False)
+        matrix = np.lib.format.open_memmap(base / MATRIX_FILE, mode="r")  # refuses object arrays
     except (OSError, ValueError):
         return None
     ids, stamps = index.get("ids"), index.get("stamps")

@@ -347,7 +347,27 @@ class RunOptions(CurationRules, Logging, Parallel, DatasetPaths):
         config.DEFAULT_MIN_FREE_GB, "refuse to start with less free space under the derived dir", group="dataset"
     )
     batch_size: int | None = opt(
-        None, "images per DINOv3 / VAE batch (default: 8 on a GPU, 1 on a CPU)", group="speed"
+        None, "images per DINOv3 / VAE batch, whatever the bucket (overrides --batch-pixels; default: by pixels on "
+        "a GPU, 1 on a CPU)", group="speed"
+    )
+    batch_pixels: int | None = opt(
+        None, "input pixels per DINOv3 / VAE batch: a batch of WxH inputs holds max(1, N // (W*H)) images, so a "
+        "1024x1024 batch holds a quarter of a 512x512 one (default on a GPU: 8388608, 8 images of 1024x1024; "
+        "on a CPU batches of 1, faster there)", group="speed",
+    )
+    memory_budget_gb: float | None = opt(
+        None, "memory the models of one image pass may take together (default: the device's free memory); the "
+        "captioner, DINOv3 and the VAE run on each decoded batch together when their weights fit with room for "
+        "a batch, else in groups that fit, each group decoding the images again", group="speed",
+    )
+    compile: bool = opt(
+        False, "torch.compile the DINOv3, VAE and T5 models, not the captioner's generate (the first batch of "
+        "each shape pays the compilation, reported as warm-up; outputs may differ from uncompiled ones in the "
+        "last bits)", group="speed",
+    )
+    cpu_threads: int | None = opt(
+        None, "intra-op threads of the models in each process on a CPU (default: 1 per process, whatever the "
+        "number of ranks, so that results do not depend on it; see README Performance)", group="speed",
     )
     text_batch_size: int = opt(64, "captions per T5 batch", group="speed")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (auto: accelerate's GPU per rank, else CPU)", group="speed")

@@ -6,10 +6,11 @@ Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
    model fails everywhere at once, before any pass and before anything is created.
 2. The main rank takes the locks (the manifest's, at its resolved path, and the derived
    dir's, which is bound to one manifest) and prepares the manifest alone (`prep.prepare`).
-3. For each stage, every rank reads the manifest's projection (memory-mapped, shared), takes
-   its stride of the records (row % ranks == rank: balanced, and no two ranks touch one
-   record), decides the work with a `Dataset.filter` (`prep.needs`) and runs a batched
-   `Dataset.map` that encodes and writes (`prep.passes`). Record updates go to per-rank
+3. For each pass (the image stages share one, `stage_groups`), every rank reads the
+   manifest's projection (memory-mapped, shared), takes its stride of the records (row %
+   ranks == rank: balanced, and no two ranks touch one record), decides each stage's work
+   with a `Dataset.filter` (`prep.needs`), loads the models that fit together
+   (`prep.residency`) and encodes and writes (`prep.passes`). Record updates go to per-rank
    journals; the main rank folds them into the manifest after each pass (and every
    `--checkpoint-minutes` during one) with a streaming rewrite.
 4. Right after the DINOv3 pass the main rank judges near duplicates (`prep.curate`), so the
@@ -27,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import journal, provenance, stages, store
@@ -43,6 +44,9 @@ from prep.tally import Tally, progress_line, refreshed_line
 logger = logging.getLogger("prep")
 
 __all__ = ["RunOptions", "RunSummary", "run", "run_job"]
+
+
+CPU_THREADS = 1  # --cpu-threads default (see set_cpu_threads)
 
 
 class RunError(UserError):
@@ -102,6 +106,10 @@ def check_inputs(opts: RunOptions) -> None:
         raise RunError(f"--buckets: {exc}") from None
     if (opts.batch_size is not None and opts.batch_size < 1) or opts.text_batch_size < 1:
         raise RunError("batch sizes must be >= 1")
+    if (opts.batch_pixels is not None and opts.batch_pixels < 1) or (opts.cpu_threads is not None and opts.cpu_threads < 1):
+        raise RunError("--batch-pixels and --cpu-threads must be >= 1")
+    if opts.memory_budget_gb is not None and opts.memory_budget_gb < 0:
+        raise RunError("--memory-budget-gb must be >= 0")
     if opts.pass_ not in ("all", "migrate", *stages.STAGES):
         raise RunError(f"--pass {opts.pass_}: choose all, migrate or one of {', '.join(stages.STAGES)}")
     from prep.curate import check_given
@@ -231,11 +239,16 @@ def prepare(opts: RunOptions, tally: Tally) -> None:
 class PassStats:
     """Timing of one pass on one rank: the figures the benchmarks read."""
 
-    kind: str
+    kind: str  # the stage, or "caption+dinov3+vae" for image stages that shared one pass
     records: int = 0
     load_seconds: float = 0.0
-    encode_seconds: float = 0.0  # wall time of the map, model loading excluded
-    model_seconds: float = 0.0  # time inside the model's forward / generate
+    encode_seconds: float = 0.0  # wall time of the pass, model loading excluded
+    model_seconds: float = 0.0  # time inside the models' forward / generate
+    reads: int = 0  # image files read (one per record in an image pass)
+    decodes: int = 0  # image decodes (one per record when its stages agree on the JPEG draft scale)
+    warmup_seconds: float = 0.0  # --compile: first batch of each input shape, compilation included
+    cpu_seconds: float = 0.0  # CPU time of this rank and its decoding workers during the pass
+    stages: dict = field(default_factory=dict)  # per stage: records, model_seconds
 
     @property
     def model_share(self) -> float:
@@ -265,9 +278,44 @@ def expected_config(stage, opts: RunOptions, model: ResolvedModel | None, device
     return fields
 
 
-def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
-    """One stage on every rank: filter its stride -> load -> map -> unload -> fold (main rank)."""
-    device = device_for(opts, state)
+def stage_groups(selected: list, first: str | None = None) -> list[list]:
+    """The passes, in run order: consecutive image stages share one pass (each image is read and
+    decoded once for all of them); a stage reading captions runs alone, after the captioner's
+    pass is folded in. `first`: an image stage that runs alone before the other image stages,
+    because a step between (near-duplicate judging after DINOv3) spares them the records it flags."""
+    if first is not None and any(stage.name == first for stage in selected):
+        ahead = [stage for stage in selected if stage.name == first]
+        return [ahead, *stage_groups([stage for stage in selected if stage.name != first])]
+    groups: list[list] = []
+    for stage in selected:
+        if groups and stage.reads == stages.IMAGE and groups[-1][-1].reads == stages.IMAGE:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def near_duplicates_first(opts: RunOptions) -> str | None:
+    """The stage to run before the other image stages: DINOv3 while near duplicates are judged
+    (the captioner and the VAE then skip them), else none (one image pass for all)."""
+    from prep.curate import rules_for
+
+    return AFTER_STAGE if rules_for(opts, opts.derived_dir).near_duplicate is not None else None
+
+
+@dataclass
+class StagePlan:
+    """One stage's work on this rank, decided before any model loads."""
+
+    stage: object
+    model: ResolvedModel | None
+    todo: object  # the filtered projection Dataset
+    stale: dict
+    expected: dict  # the stamp fields this run expects of the stage's outputs
+
+
+def plan_on_rank(stage, dataset, opts: RunOptions, models: dict, device: str, journal_) -> StagePlan:
+    """The `needs` filter of one stage over this rank's records; refreshed file stamps journaled."""
     model = models.get(stage.name)
     yard = Yardstick(
         derived_dir=opts.derived_dir,
@@ -276,34 +324,117 @@ def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], 
         recaption=opts.recaption,
         redo=read_redo(opts.derived_dir),
     )
-    manifest = read_manifest(opts.manifest)
-    dataset = manifest.to_dataset()
-    if state.num_processes > 1:
-        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
     todo, work = plan_stage(dataset, stage, yard)
-    del manifest
-    journal_ = journal.Journal(opts.manifest, state.process_index)
     if work.refreshed:
         journal_.append(
             {"image_id": row_id, f"provenance.{stage.name}.file": stamp}
             for row_id, stamp in _ids_of(todo_source=dataset, refreshed=work.refreshed)
         )
-    total = sum(_gather(state, len(todo)))
+    return StagePlan(stage, model, todo, work.stale, yard.expected.get(stage.name))
+
+
+def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
+    """One stage on every rank (see `run_stages`)."""
+    return run_stages([stage], opts, state, models, tally)[0]
+
+
+def run_stages(group: list, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> list[PassStats]:
+    """A group of stages on every rank: filter each one's stride -> load the models that fit
+    together -> one pass per resident group -> unload -> fold the journals (main rank)."""
+    device = device_for(opts, state)
+    manifest = read_manifest(opts.manifest)
+    dataset = manifest.to_dataset()
+    if state.num_processes > 1:
+        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
+    journal_ = journal.Journal(opts.manifest, state.process_index)
+    plans = [plan_on_rank(stage, dataset, opts, models, device, journal_) for stage in group]
+    del manifest
+    totals = _gather(state, [len(plan.todo) for plan in plans])
     if state.is_main_process:
-        announce(stage, opts, model, device, total, work.stale)
+        for index, plan in enumerate(plans):
+            announce(plan.stage, opts, plan.model, device, sum(counts[index] for counts in totals), plan.stale)
     state.wait_for_everyone()  # the models are recorded before any rank writes an artifact
-    stats = PassStats(stage.name, records=len(todo))
-    if len(todo):
-        encode_shard(stage, opts, state, model, device, todo, work.stale, journal_, tally, stats)
+    stats = [encode_together(together, opts, state, device, journal_, tally)
+             for together in resident(plans, opts, device)]
     journal_.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        finished = stage.finish(opts=opts, model=model, device=device, config=yard.expected.get(stage.name))
-        if finished:
-            store.update_metadata(opts.derived_dir, finished)
+        for plan in plans:
+            finished = plan.stage.finish(opts=opts, model=plan.model, device=device, config=plan.expected)
+            if finished:
+                store.update_metadata(opts.derived_dir, finished)
         journal.merge_into_manifest(opts.manifest)
         journal.clear(opts.manifest)
     state.wait_for_everyone()
+    return stats or [PassStats("+".join(stage.name for stage in group))]
+
+
+def resident(plans: list[StagePlan], opts: RunOptions, device: str) -> list[list[StagePlan]]:
+    """The stages with work on this rank, in groups whose models fit in memory together (`prep.residency`)."""
+    from prep import residency
+    from prep.models import resolve_dtype
+    from prep.stages.base import DEFAULT_BATCH_PIXELS
+
+    busy = [plan for plan in plans if len(plan.todo)]
+    if len(busy) <= 1:
+        return [busy] if busy else []
+    itemsize = resolve_dtype(opts.dtype, device).itemsize
+    footprints = [
+        residency.footprint(plan.stage.name, residency.checkpoint_folder(plan.model), itemsize,
+                            has_model=plan.model is not None)
+        for plan in busy
+    ]
+    largest = max(w * h for w, h in opts.bucket_list())
+    budget_pixels = opts.batch_pixels or (DEFAULT_BATCH_PIXELS if str(device).startswith("cuda") else 0)
+    batch_pixels = opts.batch_size * largest if opts.batch_size else max(budget_pixels, largest)
+    budget = residency.memory_budget(device, opts.memory_budget_gb)
+    reserve = residency.working_reserve(footprints, batch_pixels, itemsize)
+    groups = residency.resident_groups(footprints, budget, reserve)
+    sizes = ", ".join(f"{f.name} {f.weights / 1e9:.2f} GB" if f.weights is not None else f"{f.name} unknown"
+                      for f in footprints)
+    how = "together" if len(groups) == 1 else "as " + " | ".join("+".join(g) for g in groups)
+    logger.info("image pass: models %s (weights %s; budget %.1f GB, reserve %.1f GB)",
+                how, sizes, budget / 1e9, reserve / 1e9)
+    by_name = {plan.stage.name: plan for plan in busy}
+    return [[by_name[name] for name in group] for group in groups]
+
+
+def encode_together(plans: list[StagePlan], opts: RunOptions, state, device: str, journal_, tally: Tally) -> PassStats:
+    """Load the plans' models, run one pass over their records, unload; this rank's PassStats."""
+    from prep.passes import AsyncWriter, run_pass
+    from prep.progress import progress
+
+    kind = "+".join(plan.stage.name for plan in plans)
+    records = len(set().union(*(plan.todo["row"] for plan in plans)))
+    stats = PassStats(kind, records=records)
+    writer = AsyncWriter()
+    ctxs: list = []
+    started = time.perf_counter()
+    bar = None
+    try:
+        for plan in plans:
+            ctxs.append(start_context(plan, opts, state, device, journal_, tally, writer))
+        stats.load_seconds = time.perf_counter() - started
+        text = all(plan.stage.reads == stages.CAPTION for plan in plans)
+        bar = ctxs[0].bar = progress(total=records, desc=kind, unit="caption" if text else "img")
+        encode_started, cpu_started = time.perf_counter(), process_cpu_seconds()
+        counts = run_pass(ctxs, {plan.stage.name: plan.todo for plan in plans}, device=device)
+        writer.drain()
+        stats.encode_seconds = time.perf_counter() - encode_started
+        stats.cpu_seconds = process_cpu_seconds() - cpu_started
+        stats.reads, stats.decodes = counts.reads, counts.decodes
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        for ctx in ctxs:
+            ctx.encoder.unload()
+        free_memory()
+    stats.model_seconds = sum(ctx.model_seconds for ctx in ctxs)
+    stats.warmup_seconds = sum(ctx.warmup_seconds for ctx in ctxs)
+    stats.stages = {ctx.kind: {"records": len(plan.todo), "model_seconds": ctx.model_seconds}
+                    for ctx, plan in zip(ctxs, plans, strict=True)}
+    log_pass(stats, state, time.perf_counter() - started)
     return stats
 
 
@@ -331,37 +462,37 @@ def announce(stage, opts: RunOptions, model: ResolvedModel | None, device: str, 
         store.update_metadata(opts.derived_dir, updates)
 
 
-def encode_shard(stage, opts: RunOptions, state, model, device: str, todo, stale: dict, journal_, tally: Tally,
-                 stats: PassStats) -> None:
-    """This rank's share of a stage: load the model, map over the records, unload."""
-    from prep.passes import AsyncWriter, PassContext, run_pass_on_shard
-    from prep.progress import progress
+def process_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pass's decoding workers, once joined)."""
+    import resource
 
-    started = time.perf_counter()
-    encoder = stage.load(model, device=device, dtype=opts.dtype, opts=opts)
-    stats.load_seconds = time.perf_counter() - started
-    ctx = PassContext(
-        stage=stage, opts=opts, encoder=encoder, journal=journal_, writer=AsyncWriter(), tally=tally,
-        is_main=state.is_main_process, config=stage_config(stage, opts, model, str(encoder.dtype)), stale=stale,
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def start_context(plan: StagePlan, opts: RunOptions, state, device: str, journal_, tally: Tally, writer):
+    """Load one stage's model (compiled with --compile) and make its PassContext."""
+    from prep.passes import PassContext
+
+    encoder = plan.stage.load(plan.model, device=device, dtype=opts.dtype, opts=opts)
+    compiled = bool(opts.compile and encoder.compile())
+    config = stage_config(plan.stage, opts, plan.model, str(encoder.dtype))
+    return PassContext(
+        stage=plan.stage, opts=opts, encoder=encoder, journal=journal_, writer=writer, tally=tally,
+        is_main=state.is_main_process, config=config, stale=plan.stale, compiled=compiled,
     )
-    ctx.bar = progress(total=len(todo), desc=stage.name, unit="img" if stage.reads != "caption" else "caption")
-    try:
-        encode_started = time.perf_counter()
-        run_pass_on_shard(ctx, todo, device=device)
-        ctx.writer.drain()
-        stats.encode_seconds = time.perf_counter() - encode_started
-        stats.model_seconds = ctx.model_seconds
-    finally:
-        ctx.bar.close()
-        ctx.writer.close()
-        encoder.unload()
-        del encoder, ctx.encoder
-        free_memory()
-    elapsed = time.perf_counter() - started
+
+
+def log_pass(stats: PassStats, state, elapsed: float) -> None:
+    decodes = f"; {stats.decodes / stats.records:.2f} decodes per image" if stats.reads else ""
+    warmup = f"; compile warm-up {stats.warmup_seconds:.1f} s" if stats.warmup_seconds else ""
     logger.info(
-        "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model)",
-        stage.name, state.process_index, len(todo), elapsed, len(todo) / max(elapsed, 1e-9),
-        stats.load_seconds, 100 * stats.model_share,
+        "%s: rank %d encoded %d records in %.1f s (%.2f/s; model load %.1f s; %.0f%% of encode time in the model%s%s)",
+        stats.kind, state.process_index, stats.records, elapsed, stats.records / max(elapsed, 1e-9),
+        stats.load_seconds, 100 * stats.model_share, decodes, warmup,
     )
 
 
@@ -403,6 +534,16 @@ def free_memory() -> None:
 def device_for(opts: RunOptions, state) -> str:
     """--device auto follows Accelerate (one GPU per rank); an explicit device wins."""
     return str(state.device) if opts.device == "auto" else opts.device
+
+
+def set_cpu_threads(opts: RunOptions, device: str) -> None:
+    """On a CPU, every process runs its models on the same number of threads (--cpu-threads, default
+    1): CPU kernels split their work by thread count, and the last bits of a result follow the split,
+    so results would otherwise depend on how many ranks share the machine."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(opts.cpu_threads or CPU_THREADS)
 
 
 def make_state(opts: RunOptions):
@@ -459,6 +600,7 @@ def run_job(opts: RunOptions) -> RunSummary:
     check_inputs(opts)
     state = make_state(opts)
     exit_with_launcher()
+    set_cpu_threads(opts, device_for(opts, state))
     started = time.perf_counter()
     with state.main_process_first():
         models = resolve_models(opts)
@@ -472,9 +614,9 @@ def run_job(opts: RunOptions) -> RunSummary:
             prepare(opts, tally)
         state.wait_for_everyone()
         passes = []
-        for stage in opts.selected_stages():
-            passes.append(run_stage(stage, opts, state, models, tally))
-            if stage.name == AFTER_STAGE:
+        for group in stage_groups(opts.selected_stages(), near_duplicates_first(opts)):
+            passes.extend(run_stages(group, opts, state, models, tally))
+            if any(stage.name == AFTER_STAGE for stage in group):
                 judge_near_duplicates(opts, state)
         merged = gather_tallies(state, tally)
         code, counts = 0, {}

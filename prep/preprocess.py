@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from prep.fsio import NotARegularFile
+from prep.fsio import NotARegularFile, open_regular
 from prep.sources import SourceError, open_image
 
 # Pillow's own default (about 89.5 MP). Checked here explicitly so a library that sets
@@ -33,6 +34,10 @@ DRAFT_OVERSAMPLE = 2.0
 # Pillow resize(reducing_gap=...): an integer box-reduce before LANCZOS for big downscales.
 # 3.0 is what Pillow documents as indistinguishable from a plain LANCZOS resize.
 REDUCING_GAP = 3.0
+
+# An image file read whole into memory (one read per image pass) may be at most this big;
+# a bigger one is refused with a reason (Pillow's pixel limit stops real images well before).
+MAX_FILE_BYTES = 1 << 30
 
 WHITE = (255, 255, 255)
 
@@ -67,6 +72,81 @@ def open_rgb(path: str | Path, draft_to: tuple[int, int] | None = None) -> Image
     DCT scale that still oversamples that size (see `_apply_jpeg_draft`): much faster.
     """
     return _decode(path, draft_to=draft_to).image
+
+
+class Decoded(NamedTuple):
+    """One decode of a file: what every stage's input is derived from."""
+
+    image: Image.Image  # upright 8-bit RGB, possibly at a reduced JPEG draft scale; never mutate it
+    original_size: tuple[int, int]  # upright full-resolution size
+    scale: float  # decoded pixels per original pixel (1, 1/2, 1/4 or 1/8)
+
+
+_Decoded = Decoded  # the name before it was public
+
+
+class ImageSource:
+    """One image file read once; its decodes cached by JPEG draft scale.
+
+    Stages that share one image pass ask for their decode with their own `draft_to`; a decode
+    is made only for a draft scale not made yet. Two requests that give the same scale give
+    the same libjpeg call on the same bytes, so sharing that decode is exact: each stage gets
+    the very pixels its own decode would have given (see `decode`). `decodes` counts decodes.
+    """
+
+    def __init__(self, data: bytes, name: str = "") -> None:
+        self.data = data
+        self.name = name
+        self.decodes = 0
+        self._cache: dict[float, Decoded | ImageDecodeError] = {}
+
+    @classmethod
+    def read(cls, path: str | Path) -> tuple[ImageSource, os.stat_result]:
+        """Read a regular file whole (refusing FIFOs, devices and files over MAX_FILE_BYTES)."""
+        try:
+            with open_regular(path) as f:
+                stat = os.fstat(f.fileno())
+                if stat.st_size > MAX_FILE_BYTES:
+                    raise ImageDecodeError(f"file of {stat.st_size} bytes is over the {MAX_FILE_BYTES} byte limit")
+                data = f.read(MAX_FILE_BYTES + 1)
+        except NotARegularFile as exc:
+            raise ImageDecodeError(str(exc)) from exc
+        except OSError as exc:
+            raise ImageDecodeError(_reason(exc)) from exc
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageDecodeError(f"file grew over the {MAX_FILE_BYTES} byte limit while read")
+        return cls(data, str(path)), stat
+
+    def decode(self, draft_to: tuple[int, int] | None = None) -> Decoded:
+        """Upright RGB at the draft scale `draft_to` leads to (see `_apply_jpeg_draft`), decoded once."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(self.data)) as opened:
+                    return self._decode_opened(opened, draft_to)
+        except ImageDecodeError:
+            raise
+        except _PILLOW_ERRORS as exc:
+            raise ImageDecodeError(_reason(exc)) from exc
+
+    def _decode_opened(self, opened: Image.Image, draft_to: tuple[int, int] | None) -> Decoded:
+        original_size, scale = _prepare_decode(opened, draft_to)
+        cached = self._cache.get(scale)
+        if isinstance(cached, ImageDecodeError):
+            raise cached
+        if cached is not None:
+            return cached
+        self.decodes += 1
+        try:
+            decoded = _load_decode(opened, original_size, scale)
+        except ImageDecodeError as exc:
+            self._cache[scale] = exc
+            raise
+        except _PILLOW_ERRORS as exc:
+            self._cache[scale] = ImageDecodeError(_reason(exc))
+            raise self._cache[scale] from exc
+        self._cache[scale] = decoded
+        return decoded
 
 
 def cover_crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
@@ -109,7 +189,11 @@ def load_bucket_crop(
     path: str | Path, width: int, height: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Decode + resize-to-cover one file; uint8 (height, width, 3) and its crop box (provenance)."""
-    decoded = _decode(path, draft_to=(width, height))
+    return bucket_crop(_decode(path, draft_to=(width, height)), width, height)
+
+
+def bucket_crop(decoded: Decoded, width: int, height: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Resize-to-cover + centre crop of a decode; uint8 (height, width, 3) and the crop box in original pixels."""
     box = cover_crop_box(*decoded.original_size, width, height)
     crop = _resample_box(decoded.image, box, (decoded.scale, decoded.scale), width, height)
     return np.asarray(crop, dtype=np.uint8).copy(), box
@@ -130,6 +214,16 @@ def to_vae_pixels(batch: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     return (pixels / 127.5 - 1.0).contiguous()
 
 
+def vae_pixel_table(device=None) -> torch.Tensor:
+    """The 256 values `to_vae_pixels` maps uint8 to, as a float32 lookup table on `device`.
+
+    Indexing it with uint8 pixels on a GPU gives bit for bit what `to_vae_pixels` computes on
+    the CPU, while only the uint8 crop (a quarter of the bytes) crosses the bus.
+    """
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    return to_vae_pixels(levels.permute(0, 2, 3, 1).numpy())[0, 0].reshape(256).to(device)
+
+
 def _resample_box(
     img: Image.Image,
     box: tuple[int, int, int, int],
@@ -146,13 +240,7 @@ def _resample_box(
 # --- decoding ---------------------------------------------------------------------------------
 
 
-class _Decoded(NamedTuple):
-    image: Image.Image  # upright 8-bit RGB, possibly at a reduced JPEG draft scale
-    original_size: tuple[int, int]  # upright full-resolution size
-    scale: float  # decoded pixels per original pixel (1, 1/2, 1/4 or 1/8)
-
-
-def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
+def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> Decoded:
     """Decode to upright RGB, keeping the full-resolution size so crop boxes stay in original pixels.
 
     `path` is any locator (a file, a tar member, a dataset row): `prep.sources.open_image` reads it.
@@ -163,12 +251,7 @@ def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open_image(str(path)) as f, Image.open(f) as opened:
-                _reject_bomb(opened.size)
-                _select_first_frame(opened)
-                original_size = _upright_size(opened)
-                scale = _apply_jpeg_draft(opened, original_size, draft_to) if draft_to else 1.0
-                opened.load()
-                return _Decoded(_to_rgb8(ImageOps.exif_transpose(opened)), original_size, scale)
+                return _load_decode(opened, *_prepare_decode(opened, draft_to))
     except ImageDecodeError:
         raise
     except NotARegularFile as exc:
@@ -177,6 +260,20 @@ def _decode(path: str | Path, draft_to: tuple[int, int] | None) -> _Decoded:
         raise ImageDecodeError(f"source: {exc}"[:300]) from exc
     except _PILLOW_ERRORS as exc:
         raise ImageDecodeError(_reason(exc)) from exc
+
+
+def _prepare_decode(opened: Image.Image, draft_to: tuple[int, int] | None) -> tuple[tuple[int, int], float]:
+    """Checks and JPEG draft set-up before any pixel is decoded: (upright size, draft scale)."""
+    _reject_bomb(opened.size)
+    _select_first_frame(opened)
+    original_size = _upright_size(opened)
+    scale = _apply_jpeg_draft(opened, original_size, draft_to) if draft_to else 1.0
+    return original_size, scale
+
+
+def _load_decode(opened: Image.Image, original_size: tuple[int, int], scale: float) -> Decoded:
+    opened.load()
+    return Decoded(_to_rgb8(ImageOps.exif_transpose(opened)), original_size, scale)
 
 
 def _reject_bomb(size: tuple[int, int]) -> None:

@@ -301,12 +301,13 @@ def declared_size(locator: str) -> int | None:
     return parse_tar(locator).size if scheme_of(locator) == TAR else None
 
 
-def image_fingerprint(locator: str, previous: dict | None) -> dict | None:
+def image_fingerprint(locator: str, previous: dict | None, data: bytes | None = None) -> dict | None:
     """{size, mtime_ns, sha256} of the locator's bytes, re-hashing only when its container changed.
 
     Files: the file's size and mtime (`provenance.refresh_fingerprint`). Tar members and local
     dataset rows: the member's size and the container's mtime; a Hub row: the previous one as
-    long as it has a sha256 (the commit pins the bytes). None when the bytes are gone.
+    long as it has a sha256 (the commit pins the bytes). None when the bytes are gone. `data`:
+    the bytes when the caller has just read them (hashed instead of read again).
     """
     kind = scheme_of(locator)
     if kind is None:
@@ -328,10 +329,11 @@ def image_fingerprint(locator: str, previous: dict | None) -> dict | None:
         and (size is None or previous.get("size") == size)
     ):
         return previous
-    try:
-        data = read_image_bytes(locator)
-    except OSError:
-        return None
+    if data is None:
+        try:
+            data = read_image_bytes(locator)
+        except OSError:
+            return None
     return bytes_fingerprint(data, mtime)
 
 

@@ -411,7 +411,7 @@ def test_empty_generated_caption_fails_and_is_not_stored(tmp_path, tiny_models, 
 
     images, work = tmp_path / "images", tmp_path / "work"
     ig.save_rgb(images / "one.jpg", 64, 64)
-    monkeypatch.setattr(Captioner, "caption", lambda self, batch: ["  \n" for _ in batch])
+    monkeypatch.setattr(Captioner, "caption_requests", lambda self, batch: ["  \n" for _ in batch])
     code, captured = run_captured(run_args(work, images, tiny_models, "--pass", "caption"))
     assert code == 0 and "1 failed" in captured.out.getvalue()
     assert any(w == "failed caption one: empty caption" for w in captured.warnings)

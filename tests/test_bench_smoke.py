@@ -102,3 +102,59 @@ def test_sources_bench_compares_tars_with_files(tmp_path) -> None:
     assert result.row("tars: fingerprint + read").baseline == "files: fingerprint + read"
     assert result.row("tars: fingerprint + read").ratio is not None
     assert {g.goal.split(",")[0] for g in result.goals} == {"tars vs files"}
+
+
+def test_gpu_pipeline_figures_run_on_any_device(tmp_path) -> None:
+    """`prep bench gpu`'s pipeline part, on the CPU with tiny models: every figure it reports is there."""
+    from prep.bench.gpu_bench import run_pipeline_on_device
+    from prep.testing import make_tiny_models
+
+    models = make_tiny_models(tmp_path / "cache" / "tiny-models")
+    result = BenchResult("gpu")
+    figures = run_pipeline_on_device(result, tmp_path / "cache", tmp_path / "work", "cpu", images=3, sizes=(64,),
+                                     models=models, workers=1, dtype="float32")
+    check_result(result)
+    assert set(figures) == {"dinov3@64", "vae@64", "all@64"}
+    for found in figures.values():
+        assert found["images_per_s"] > 0 and 0 < found["busy_share"] <= 1 and found["cpu_cores"] > 0
+    assert figures["vae@64"]["decodes_per_image"] == figures["dinov3@64"]["decodes_per_image"] == 1.0
+    assert 1.0 <= figures["all@64"]["decodes_per_image"] <= 2.0  # DINOv3 and the VAE may draft at other scales
+    assert figures["vae@64"]["vae_tflops"] > 0 and figures["dinov3@64"]["vae_tflops"] is None
+    assert figures["all@64"]["vae_tflops"] > 0  # the VAE's share of the shared pass
+    names = {row.name for row in result.rows}
+    assert {"pipeline vae@64: VAE achieved TFLOP/s", "pipeline all@64: CPU cores used per GPU",
+            "pipeline all@64: share of GPU time busy"} <= names
+
+
+def test_the_vae_benchmark_picks_bf16_only_where_the_cpu_has_it(monkeypatch) -> None:
+    from prep.bench import vae_bench
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("prep.models.cpu_features", lambda: {"native_bf16": False, "capability": "AVX2",
+                                                              "flags": ["avx2"], "threads": 2})
+    assert vae_bench.bench_dtype()[0] == "float32"
+    monkeypatch.setattr("prep.models.cpu_features", lambda: {"native_bf16": True, "capability": "AVX512",
+                                                              "flags": ["avx512_bf16"], "threads": 2})
+    assert vae_bench.bench_dtype()[0] == "bfloat16"
+
+
+def test_every_result_names_the_cpu_flags_that_matter(tmp_path) -> None:
+    from prep.bench.common import machine_info
+
+    info = machine_info()
+    assert {"cpu_capability", "cpu_flags", "native_bf16"} <= set(info)
+    _, md_path = write_results(tmp_path, [BenchResult("x")], quick=True, info=info)
+    assert "CPU kernels " in md_path.read_text()
+
+
+def test_ulp_distance_counts_float16_steps_across_zero() -> None:
+    import numpy as np
+
+    from prep.bench.pipeline_bench import _ordered
+
+    values = np.array([0.0, -0.0, 1.0, np.nextafter(np.float16(1.0), np.float16(2.0)), -np.float16(6e-8), 6e-8],
+                      dtype=np.float16)
+    ordered = _ordered(values)
+    assert ordered[0] == ordered[1]  # +0 and -0
+    assert ordered[3] - ordered[2] == 1  # neighbours
+    assert ordered[5] - ordered[4] == 2  # the smallest subnormals on both sides of zero

@@ -41,7 +41,10 @@ def job(
 
 
 def side_file_times(work: Path) -> dict[str, int]:
-    return {f"{p.parent.name}/{p.stem}": p.stat().st_mtime_ns for p in (work / "derived").rglob("*.npy")}
+    """The artifacts' mtimes (not `.prep/`, the run's own bookkeeping such as the near-duplicate cache)."""
+    derived = work / "derived"
+    return {f"{p.parent.name}/{p.stem}": p.stat().st_mtime_ns for p in derived.rglob("*.npy")
+            if ".prep" not in p.relative_to(derived).parts}
 
 
 def records(work: Path) -> dict[str, dict]:

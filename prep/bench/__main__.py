@@ -117,6 +117,9 @@ def run_one(name: str, quick: bool, cache: Path, work: Path, done: dict[str, Ben
         if pre is not None and pre.status == "ok":
             with contextlib.suppress(KeyError):
                 figures["pipeline_img_per_cpu_s_1024"] = pre.value("1024^2 buckets: pipeline load_bucket_image [CPU]")
+            with contextlib.suppress(KeyError):
+                figures["image_pass_img_per_cpu_s_1024"] = pre.value(
+                    "1024^2 buckets: worker inputs for DINOv3 + VAE, one image pass [CPU]")
         return run_guarded(name, lambda: module.run(quick, cache, work, preprocess_figures=figures))
     return run_guarded(name, lambda: module.run(quick, cache, work))
 

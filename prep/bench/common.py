@@ -197,10 +197,13 @@ def machine_info(probe_torch: bool = True) -> dict:
         except metadata.PackageNotFoundError:
             info[module] = None
     if probe_torch:
-        code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'cuda': c, "
-                "'gpu': torch.cuda.get_device_name(0) if c else None, 'torch_threads': torch.get_num_threads()}))")
+        code = ("import json, torch; from prep.models import cpu_features; c = torch.cuda.is_available(); "
+                "f = cpu_features(); print(json.dumps({'cuda': c, 'gpu': torch.cuda.get_device_name(0) if c else None, "
+                "'torch_threads': torch.get_num_threads(), 'cpu_capability': f['capability'], "
+                "'cpu_flags': f['flags'], 'native_bf16': f['native_bf16']}))")
         try:
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env=child_env())
             info.update(json.loads(out.stdout.strip().splitlines()[-1]))
         except (OSError, ValueError, IndexError, subprocess.SubprocessError):
             info["cuda"] = None
@@ -223,10 +226,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_line(info: dict) -> str:
+    """The CPU facts that decide the models' speed there (printed with every result)."""
+    flags = " ".join(info.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx"
+    bf16 = "native bf16" if info.get("native_bf16") else "no native bf16 (bf16 emulated: slow)"
+    return f"CPU kernels {info.get('cpu_capability', '?')}, flags: {flags}; {bf16}"
+
+
 def machine_line(info: dict) -> str:
     gpu = info.get("gpu") or "no GPU"
     return (
         f"Machine: {info.get('cpu')}, {info.get('cores')} cores, {info.get('memory_gb', '?')} GiB, {gpu}; "
+        f"{cpu_line(info)}; "
         f"load avg at start {info.get('load_avg_1m')}; Python {info.get('python')}, torch {info.get('torch')}, "
         f"Pillow {info.get('PIL')} (libjpeg-turbo {info.get('libjpeg_turbo')}), numpy {info.get('numpy')}, "
         f"datasets {info.get('datasets')}"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import random
@@ -234,7 +235,26 @@ def seed_work(s: Setup, work: Path) -> None:
     if s.base is None:
         work.mkdir(parents=True)
         return
-    shutil.copytree(s.base, work, copy_function=os.link, ignore=shutil.ignore_patterns(".bench-real.json", "*.lock"))
+    shutil.copytree(s.base, work, copy_function=LinkOrCopy(), ignore=shutil.ignore_patterns(".bench-real.json", "*.lock"))
+
+
+class LinkOrCopy:
+    """copytree's copy function: a hard link, and once the source inode takes no more links (a big
+    base dataset already links up to 60,000 names to one inode), a copy that takes the next ones."""
+
+    def __init__(self) -> None:
+        self.spare: dict[tuple[int, int], str] = {}  # source inode -> the copy that takes its next links
+
+    def __call__(self, src: str, dst: str) -> None:
+        stat = os.stat(src)
+        key = (stat.st_dev, stat.st_ino)
+        try:
+            os.link(self.spare.get(key, src), dst)
+        except OSError as exc:
+            if exc.errno != errno.EMLINK:
+                raise
+            shutil.copy2(src, dst)  # same bytes and mtime: the records' file stamps hold
+            self.spare[key] = dst
 
 
 def run_cmd(s: Setup, work: Path) -> list[str]:

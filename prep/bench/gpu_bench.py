@@ -1,11 +1,17 @@
-"""gpu: per-pass model throughput in bf16 on a CUDA GPU, or the expected figures on paper.
+"""gpu: the passes on a CUDA GPU (`prep bench gpu` on a user's GPU box), or the expected figures on paper.
 
-With CUDA: random-weight models of the real architectures (Flux VAE encoder at 1024^2 and
-512^2, DINOv3 ViT-L/16 at 224^2, T5-Large encoder at 77 tokens) in bf16, warmed up, timed
-with `torch.cuda.synchronize`; images/s per pass and achieved TFLOP/s (FLOPs counted by
-`torch.utils.flop_counter` on the meta device) against the GPU's bf16 dense peak.
-Model-only figures: decoding and the pipeline's own overhead are measured by `preprocess`
-and `pipeline`.
+With CUDA, two parts:
+
+- the pipeline: `prep run` on generated photos with random-weight models of the real sizes
+  (Flux VAE, DINOv3 ViT-L/16, T5-Large; captions from sidecars), one bucket of 512^2 and one
+  of 1024^2, `--pass dinov3`, `--pass vae` and `--pass all` (DINOv3 + VAE in one image pass,
+  then T5), bf16, batches by pixels: images/s per pass, the VAE's achieved TFLOP/s against
+  the counted FLOPs per image (4.88 TFLOP at 1024^2), the CPU cores the pass used per GPU
+  (CPU seconds of the rank and its decoding workers / pass wall time) and the share of the
+  pass's wall time the GPU was busy (time inside the models, synchronised after each batch);
+- the models alone (no decoding): warmed up, timed with `torch.cuda.synchronize`, achieved
+  TFLOP/s (FLOPs counted by `torch.utils.flop_counter` on the meta device) against the GPU's
+  bf16 dense peak.
 
 Without CUDA the same FLOP counts give the expected figures: bytes per sample, images/s per
 H100 at 30-50% of its ~990 TFLOP/s bf16 dense peak (realistic for conv-heavy VAEs), and the
@@ -171,10 +177,15 @@ def run_gpu_bench(*, device: str | None = None, tiny: bool = False, iters: int =
             low, high = (H100_BF16_DENSE_TFLOPS * m / tflop for m in MFU_RANGE)
             result.add(f"{key}: expected on H100", low, "samples/s", note=f"{low:,.0f}-{high:,.0f} at 30-50% MFU")
         vae_rate = H100_BF16_DENSE_TFLOPS * MFU_RANGE[0] / flops["vae@1024"][0] if "vae@1024" in flops else None
-        per_core = (preprocess_figures or {}).get("pipeline_img_per_cpu_s_1024")
+        figures = preprocess_figures or {}
+        per_core = figures.get("pipeline_img_per_cpu_s_1024")
         if vae_rate and per_core:
             result.add("CPU cores per H100 to decode+resize 1024^2 at the VAE's pace", vae_rate / per_core, "cores",
                        note=f"{vae_rate:.0f} img/s / {per_core:.1f} img/CPU-s measured by preprocess")
+        both = figures.get("image_pass_img_per_cpu_s_1024")
+        if vae_rate and both:
+            result.add("CPU cores per H100 for the image pass's inputs (VAE crop + DINOv3) at the VAE's pace",
+                       vae_rate / both, "cores", note=f"{vae_rate:.0f} img/s / {both:.1f} img/CPU-s measured by preprocess")
         if vae_rate:
             mb_s = vae_rate * sum(BYTES[k] for k in ("vae@1024", "t5@77", "dinov3@224")) / 1e6
             result.add("output written per H100 at that pace (latent + T5 + DINOv3)", mb_s, "MB/s")
@@ -182,5 +193,99 @@ def run_gpu_bench(*, device: str | None = None, tiny: bool = False, iters: int =
     return result
 
 
+# ------------------------------------------------------------------------------ the pipeline
+PIPELINE_SIZES = {True: {"images": 48, "sizes": (512, 1024)}, False: {"images": 256, "sizes": (512, 1024)}}
+PIPELINE_PASSES = ("dinov3", "vae", "all")
+
+
+def make_real_size_models(cache: Path) -> dict[str, Path]:
+    """Random-weight Flux VAE, DINOv3 ViT-L/16 and T5-Large saved with save_pretrained (reused when present);
+    the tiny captioner (the runs take captions from sidecars) and the tiny T5's tokenizer."""
+    import json
+    import shutil
+
+    import torch
+
+    from prep.bench.vae_bench import make_flux_vae
+    from prep.testing import DINOV3_PREPROCESSOR_CONFIG, make_tiny_models
+
+    tiny = make_tiny_models(cache / "tiny-models")
+    models = {"vae": make_flux_vae(cache / "flux-vae-random"), "captioner": tiny["captioner"]}
+    for kind in ("dinov3", "t5"):
+        folder = cache / f"{kind}-real-size-random"
+        marker = folder / ".bench-model.json"
+        if not (marker.is_file() and json.loads(marker.read_text()) == {"version": 1}):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                build(kind).save_pretrained(folder)
+            if kind == "dinov3":
+                (folder / "preprocessor_config.json").write_text(json.dumps(DINOV3_PREPROCESSOR_CONFIG))
+            else:
+                for file in Path(tiny["t5"]).glob("tokenizer*"):
+                    shutil.copy(file, folder / file.name)
+            marker.write_text(json.dumps({"version": 1}))
+        models[kind] = folder
+    return models
+
+
+def pipeline_figures(run: dict, kind: str, n: int, size: int) -> dict:
+    """images/s, VAE TFLOP/s, CPU cores and GPU-busy share of one pass of a `run_pipeline` result."""
+    stats = run["passes"][kind]
+    encode = max(stats["encode"], 1e-9)
+    vae_seconds = stats["stages"].get("vae")
+    tflop = count_tflop("vae", size)[0] if vae_seconds else None
+    return {
+        "images_per_s": stats["records"] / encode,
+        "vae_tflops": n * tflop / vae_seconds if vae_seconds and tflop else None,
+        "cpu_cores": stats["cpu"] / encode,
+        "busy_share": stats["model"] / encode,
+        "decodes_per_image": stats["decodes"] / max(stats["records"], 1),
+        "encode_s": stats["encode"],
+    }
+
+
+def run_pipeline_on_device(result: BenchResult, cache: Path, work: Path, device: str, *, images: int,
+                           sizes: tuple[int, ...], models: dict | None = None, workers: int | None = None,
+                           dtype: str = "bfloat16", peak: float | None = None) -> dict:
+    """`prep run` per pass and size on `device`; rows and goals into `result`; the figures returned."""
+    import os
+
+    from prep.bench import data
+    from prep.bench.pipeline_bench import run_pipeline
+
+    models = models or make_real_size_models(cache)
+    workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    folder = data.make_image_folder(cache / f"gpu-images-n{images}", images)[0].path.parent
+    figures = {}
+    for size in sizes:
+        for pass_ in PIPELINE_PASSES:
+            run = run_pipeline(work / f"{size}", folder, f"{size}x{size}", models, processes=1, workers=workers,
+                               batch_size=None, pass_=pass_, dtype=dtype, extra=("--device", device))
+            kind = next(k for k in run["passes"] if k != "t5" and run["passes"][k]["records"])
+            found = figures[f"{pass_}@{size}"] = pipeline_figures(run, kind, images, size)
+            note = (f"{kind}; {found['cpu_cores']:.1f} CPU cores busy ({workers} decoding workers); GPU busy "
+                    f"{100 * found['busy_share']:.0f}% of the pass; {found['decodes_per_image']:.2f} decodes/image")
+            if found["vae_tflops"]:
+                note += f"; VAE {found['vae_tflops']:.1f} TFLOP/s" + (
+                    f" = {100 * found['vae_tflops'] / peak:.0f}% of peak" if peak else "")
+            result.add(f"pipeline --pass {pass_} @ {size}^2", found["images_per_s"], "img/s", note=note)
+    for size in sizes:
+        vae = figures[f"vae@{size}"]
+        if vae["vae_tflops"]:
+            result.add(f"pipeline vae@{size}: VAE achieved TFLOP/s", vae["vae_tflops"], "TFLOP/s",
+                       note=f"{count_tflop('vae', size)[0]:.2f} TFLOP per image counted")
+        result.add(f"pipeline all@{size}: CPU cores used per GPU", figures[f"all@{size}"]["cpu_cores"], "cores")
+        result.add(f"pipeline all@{size}: share of GPU time busy", 100 * figures[f"all@{size}"]["busy_share"], "%")
+    return figures
+
+
 def run(quick: bool, cache: Path, work: Path, preprocess_figures: dict | None = None) -> BenchResult:
-    return run_gpu_bench(iters=5 if quick else 20, preprocess_figures=preprocess_figures)
+    import torch
+
+    result = run_gpu_bench(iters=5 if quick else 20, preprocess_figures=preprocess_figures)
+    if torch.cuda.is_available():
+        sizes = PIPELINE_SIZES[quick]
+        peak = gpu_peak(torch.cuda.get_device_name(0))
+        result.extra["pipeline"] = run_pipeline_on_device(result, cache, work / "gpu", "cuda", images=sizes["images"],
+                                                          sizes=sizes["sizes"], peak=peak)
+    return result

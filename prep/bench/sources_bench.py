@@ -89,21 +89,21 @@ def decode_all(locators: list[str], fingerprints: list[dict]) -> int:
     return pixels
 
 
-def decoded_size(locator: str) -> tuple[int, int]:
-    from prep.preprocess import open_rgb
-
-    return open_rgb(locator).size
+def decoded_size(decoded) -> tuple[int, int]:
+    return decoded.image.size
 
 
 def loader_pass(locators: list[str], fingerprints: list[dict], workers: int) -> int:
-    """The passes' DataLoader (`prep.loader.make_loader`) over every locator, decoding in workers."""
-    from prep.loader import make_loader
+    """The image pass's DataLoader (`prep.loader`) over every locator: read, fingerprint and decode in workers."""
+    from prep.loader import ImageRecords, ImageWork, make_image_loader
+    from prep.stages.base import ImageInput
 
-    loader = make_loader([f"i{k}" for k in range(len(locators))], locators, decoded_size, batch_size=8,
-                         num_workers=workers, fingerprints=fingerprints)
+    n = len(locators)
+    work = ImageWork([f"i{k}" for k in range(n)], list(locators), [None] * n, [("size",)] * n, list(fingerprints))
+    records = ImageRecords(work, {("size", None): ImageInput(decoded_size, draft_to=None, pixels=1)})
     done = 0
-    for batch in loader:
-        done += sum(1 for item in batch if item[2] is None)
+    for batch in make_image_loader(records, batch_size=8, num_workers=workers):
+        done += sum(1 for _, made, _, _ in batch if made["size"][1] is None)
     return done
 
 

@@ -3,7 +3,10 @@
 Architecture as FLUX.1's `vae/`: diffusers AutoencoderKL, block_out_channels 128/256/512/512,
 2 layers per block, 16 latent channels, 32 norm groups, no quant convs (34M encoder
 parameters). Saved once with save_pretrained to the cache and loaded by the pipeline through
-its production `from_pretrained` path. Measured at 512x512 in bf16 on the CPU:
+its production `from_pretrained` path. Measured at 512x512 on the CPU, in bf16 where the CPU
+computes bf16 natively (avx512_bf16 / amx_bf16: about 2.5x faster than fp32 for this VAE) and
+in fp32 elsewhere (emulated bf16 is about 10x slower than fp32: 30 s per 64x64 encode on an
+AVX2-only EPYC):
 
 - pipeline: `prep run --pass vae` in a fresh process; images/s and PassStats.model_share
   (share of the pass's wall time spent inside the VAE forward);
@@ -89,16 +92,34 @@ def bare_child(out: Path, vae_dir: Path, n: int, size: int, dtype: str) -> int:
     return 0
 
 
+def bench_dtype() -> tuple[str, str]:
+    """(dtype, why): bf16 on a GPU or a CPU with native bf16, else fp32."""
+    import torch
+
+    from prep.models import cpu_features
+
+    if torch.cuda.is_available():
+        return "bfloat16", "CUDA"
+    features = cpu_features()
+    if features["native_bf16"]:
+        return "bfloat16", f"this CPU computes bf16 natively ({', '.join(features['flags'])})"
+    return "float32", f"no native bf16 on this CPU ({features['capability']}; bf16 would be emulated, ~10x slower)"
+
+
 def run_vae_bench(cache: Path, work: Path, *, n_images: int, bare_images: int, size: int = 512,
-                  dtype: str = "bfloat16", batch_sizes: tuple[int, ...] = (1, 2)) -> BenchResult:
+                  dtype: str | None = None, batch_sizes: tuple[int, ...] = (1, 2)) -> BenchResult:
     from prep.testing import make_tiny_models
 
     result = BenchResult("vae")
+    why = "given"
+    if dtype is None:
+        dtype, why = bench_dtype()
     vae_dir = make_flux_vae(cache / "flux-vae-random")
     models = dict(make_tiny_models(cache / "tiny-models"))
     models["vae"] = vae_dir
     infos = data.make_image_folder(cache / f"vae-images-n{n_images}", n_images, captions=False)
-    result.params = {"images": n_images, "bucket": f"{size}x{size}", "dtype": dtype, "batch sizes": list(batch_sizes),
+    result.params = {"images": n_images, "bucket": f"{size}x{size}", "dtype": f"{dtype} ({why})",
+                     "batch sizes": list(batch_sizes),
                      "loader workers": 1, "encoder params (M)": round(encoder_params(vae_dir) / 1e6, 1)}
 
     out = work / "vae-bare.json"
@@ -113,8 +134,9 @@ def run_vae_bench(cache: Path, work: Path, *, n_images: int, bare_images: int, s
 
     shares = []
     for batch in batch_sizes:
+        # the model on as many threads as the bare loop's (torch's default: one per core)
         run = run_pipeline(work, infos[0].path.parent, f"{size}x{size}", models, processes=1, workers=1,
-                           batch_size=batch, pass_="vae", dtype=dtype)
+                           batch_size=batch, threads=bare["threads"], pass_="vae", dtype=dtype)
         stats = run["passes"]["vae"]
         share = stats["model_share"]
         shares.append(share)
@@ -126,7 +148,8 @@ def run_vae_bench(cache: Path, work: Path, *, n_images: int, bare_images: int, s
         result.add(f"pipeline batch {batch}: end to end (process start to exit)", n_images / run["wall"], "img/s",
                    baseline=base)
         result.extra[f"pipeline_batch{batch}"] = run
-    result.goal("VAE pass: model_share (lowest over batch sizes)", 100 * min(shares), ">= 95%", min(shares) >= 0.95)
+    result.goal("VAE pass: share of pass wall time in the forward (lowest over batch sizes)", 100 * min(shares),
+                ">= 98%", min(shares) >= 0.98)
     result.extra["bare"] = bare
     return result
 

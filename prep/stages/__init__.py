@@ -7,7 +7,7 @@ or `artifacts()`. Adding a stage is one new module and one `register(...)` call.
 
 from __future__ import annotations
 
-from prep.stages.base import CAPTION, IMAGE, Artifact, Encoder, ModelSpec, Output, Stage
+from prep.stages.base import CAPTION, IMAGE, Artifact, Encoder, ImageInput, ModelSpec, Output, Stage
 from prep.stages.caption import CaptionStage
 from prep.stages.dinov3 import DINOv3Stage
 from prep.stages.t5 import MASK as T5_MASK
@@ -15,7 +15,7 @@ from prep.stages.t5 import T5Stage
 from prep.stages.vae import VAEFlipStage, VAEStage
 
 __all__ = [
-    "ALL", "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ModelSpec", "Output", "Stage",
+    "ALL", "CAPTION", "IMAGE", "STAGES", "Artifact", "Encoder", "ImageInput", "ModelSpec", "Output", "Stage",
     "artifact_stages", "artifacts", "file_artifacts", "get", "model_spec", "register", "unregister",
 ]  # fmt: skip
 
@@ -82,8 +82,8 @@ def model_spec(stage: Stage) -> ModelSpec | None:
     return STAGES[stage.model_from].model if stage.model_from else stage.model
 
 
-# Run order: the image stages first (they share decoded images), then the text stage, which
-# needs the captions the first one wrote.
+# Run order: the image stages first (one image pass: they share each image's read and decode),
+# then the text stage, which needs the captions the first one wrote.
 register(CaptionStage())
 register(DINOv3Stage())
 register(VAEStage())

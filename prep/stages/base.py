@@ -9,8 +9,10 @@ verify, export, loading, the dataset card and the CLI all loop over the registry
 - `model`: its model flag (`--{name}-model`, `--{name}-revision`, default id, licence);
 - `options`: a dataclass of its own flags (declared once, with help);
 - `reads`: what a pass feeds it, decoded images (`IMAGE`) or captions (`CAPTION`);
-- `load` / `worker_transform` / `encode`: how the model loads, what a DataLoader worker does to
-  one image for it, and how a batch encodes into `Output`s;
+- `load` / `image_input` / `encode`: how the model loads, what a DataLoader worker derives for
+  it from the image pass's one shared decode of an image, and how a batch encodes into
+  `Output`s (`worker_transform(path)`, a stage's own decode in the worker, is the older form
+  and still works: it costs a second decode of every image);
 - `settings`: what its provenance stamps record besides model, revision and dtype.
 
 A fifth encoder is one new file with a `Stage` subclass and one `register(...)` line.
@@ -65,6 +67,28 @@ class ModelSpec:
     license: str = ""
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """What an image stage takes from the one decode of an image that the stages of a pass share.
+
+    `make(decoded) -> item` runs in a DataLoader worker on a `prep.preprocess.Decoded`; it must
+    be picklable (a top-level function or a `functools.partial` of one) and must not modify
+    `decoded.image`. `draft_to` is the size the stage resizes to (a big JPEG may then be decoded
+    at a reduced DCT scale; stages whose requests give the same scale share that decode; None:
+    a full decode). `pixels` is the size of one model input, for sizing batches by pixels
+    (None: the stage's own batch size).
+    """
+
+    make: Callable[[Any], Any]
+    draft_to: tuple[int, int] | None = None
+    pixels: int | None = None
+
+
+# --batch-pixels default on a GPU: a 1024x1024 batch holds 8 images, a 512x512 batch 32.
+DEFAULT_BATCH_PIXELS = 8 * 1024 * 1024
+MAX_BATCH_SIZE = 256
+
+
 @dataclass
 class Output:
     """What a stage made of one item: an array for its side file and/or record fields."""
@@ -90,6 +114,15 @@ class Encoder:
 
         model, self.model = self.model, None
         free_model(model)
+
+    def compile(self) -> bool:
+        """`torch.compile` the model's forward in place (--compile); False when this encoder is not compiled."""
+        from prep.models import compile_module
+
+        if self.model is None:
+            return False
+        compile_module(self.model)
+        return True
 
 
 def to_eval(model, device):
@@ -126,11 +159,27 @@ class Stage:
             return opts.batch_size
         return 8 if str(device).startswith("cuda") else 1
 
+    def batch_size_for(self, opts, device, pixels: int | None) -> int:
+        """Items per batch of inputs of `pixels` pixels: --batch-size when given, else --batch-pixels
+        // pixels (on a GPU 8 Mpx by default: 8 images of 1024^2, 32 of 512^2), else `batch_size`."""
+        budget = getattr(opts, "batch_pixels", None)
+        if budget is None and str(device).startswith("cuda"):
+            budget = DEFAULT_BATCH_PIXELS
+        if not opts.batch_size and budget and pixels:
+            return max(1, min(MAX_BATCH_SIZE, budget // pixels))
+        return self.batch_size(opts, device)
+
     def load(self, model, *, device, dtype: str, opts) -> Encoder:
         raise NotImplementedError
 
+    def image_input(self, encoder: Encoder, bucket: str | None) -> ImageInput | None:
+        """What a DataLoader worker derives for this stage from the shared decode of an image
+        (IMAGE stages); None: the stage decodes on its own with `worker_transform`."""
+        return None
+
     def worker_transform(self, encoder: Encoder, bucket: str | None) -> Callable[[str], Any]:
-        """The picklable per-image work a DataLoader worker does for this stage (IMAGE stages)."""
+        """The older form of `image_input`: a picklable fn(path) -> item that reads and decodes the
+        image itself in the worker (a second decode of every image, counted as such)."""
         raise NotImplementedError
 
     def encode(self, encoder: Encoder, items: list[Any]) -> list[Output]:

@@ -8,12 +8,13 @@ A caption the user supplied is never overwritten: this stage only fills records 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 from prep import config
 from prep.options import opt
-from prep.stages.base import IMAGE, Encoder, ModelSpec, Output, Stage, to_eval
+from prep.stages.base import IMAGE, Encoder, ImageInput, ModelSpec, Output, Stage, to_eval
 
 
 @dataclass
@@ -60,13 +61,25 @@ class Captioner(Encoder):
         return cls(processor, to_eval(model, torch_device), model_id=model_id, device=torch_device, dtype=torch_dtype,
                    prompt=prompt, max_new_tokens=max_new_tokens)
 
+    def compile(self) -> bool:
+        """Not compiled: `generate` grows its inputs every step, so a compiled forward would recompile."""
+        return False
+
     def caption(self, images: list) -> list[str]:
         """One stripped caption per image; "" where the model produced nothing (a failure)."""
+        return self.caption_requests([self.request(image) for image in images])
+
+    def request(self, image) -> dict:
+        """One image's model inputs (a batch of one), as a DataLoader worker makes them."""
+        return caption_request(self.processor, self.prompt_text, image)
+
+    def caption_requests(self, requests: list[dict]) -> list[str]:
+        """Captions of prepared requests: left-padded into one batch, one greedy `generate` for all."""
         import torch
 
-        if not images:
+        if not requests:
             return []
-        inputs = self._batch_inputs(images)
+        inputs = self._collate(requests)
         prompt_length = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             generated = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
@@ -75,16 +88,24 @@ class Captioner(Encoder):
 
     def _batch_inputs(self, images: list) -> dict:
         """The same rendered request once per image, left-padded, tensors on the model's device."""
-        rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
-        bos = getattr(self.processor.tokenizer, "bos_token", None)
-        batch = self.processor(
-            text=[self.prompt_text] * len(rgb),
-            images=[[image] for image in rgb],
-            padding=True,
-            return_tensors="pt",
-            # the chat template already wrote <bos>; a second one would change the caption
-            add_special_tokens=not (bos and self.prompt_text.startswith(bos)),
+        return self._collate([self.request(image) for image in images])
+
+    def _collate(self, requests: list[dict]) -> dict:
+        """Requests of one image each -> one batch: token fields left-padded by the tokenizer (as the
+        processor pads a batch), image fields concatenated; tensors on the model's device."""
+        import torch
+
+        requests = [{key: torch.as_tensor(value) if hasattr(value, "dtype") else value for key, value in request.items()}
+                    for request in requests]
+        text_keys = [key for key in requests[0] if key in TOKEN_FIELDS]
+        padded = self.processor.tokenizer.pad(
+            [{key: request[key][0] for key in text_keys} for request in requests], padding=True, return_tensors="pt"
         )
+        batch = {key: padded[key] for key in text_keys}
+        for key in requests[0]:
+            if key not in batch:
+                values = [request[key] for request in requests]
+                batch[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else sum(values, [])
         return {key: self._to_device(value) for key, value in batch.items()}
 
     def _to_device(self, value):
@@ -93,8 +114,32 @@ class Captioner(Encoder):
         if not isinstance(value, torch.Tensor):
             return value
         if value.is_floating_point():
-            return value.to(self.device, self.dtype)
-        return value.to(self.device)
+            return value.to(self.device, non_blocking=True).to(self.dtype)
+        return value.to(self.device, non_blocking=True)
+
+
+# The processor's fields that are per token (padded on the left in a batch); the rest are per image.
+TOKEN_FIELDS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+
+
+def caption_request(processor, prompt_text: str, image) -> dict:
+    """One image's inputs to the captioner (runs in DataLoader workers): the processor on one request."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    return dict(processor(
+        text=[prompt_text],
+        images=[[rgb]],
+        return_tensors="pt",
+        # the chat template already wrote <bos>; a second one would change the caption
+        add_special_tokens=not (bos and prompt_text.startswith(bos)),
+    ))
+
+
+def caption_input(processor, prompt_text: str, decoded) -> dict:
+    """Worker: the captioner's inputs from the pass's shared (full, undrafted) decode, as numpy arrays
+    (they travel through the loader's pipe, not /dev/shm; `_collate` makes tensors of them again)."""
+    request = caption_request(processor, prompt_text, decoded.image)
+    return {key: value.numpy() if hasattr(value, "numpy") else value for key, value in request.items()}
 
 
 def render_caption_request(processor, prompt: str) -> str:
@@ -133,6 +178,9 @@ class CaptionStage(Stage):
     def batch_size(self, opts, device) -> int:
         return self.stage_options(opts).caption_batch_size
 
+    def batch_size_for(self, opts, device, pixels: int | None) -> int:
+        return self.batch_size(opts, device)
+
     def load(self, model, *, device, dtype: str, opts) -> Captioner:
         own = self.stage_options(opts)
         return Captioner.load(
@@ -141,12 +189,10 @@ class CaptionStage(Stage):
             revision=model.load_revision,
         )
 
-    def worker_transform(self, encoder: Captioner, bucket: str | None):
-        from prep.preprocess import open_rgb
-
-        return open_rgb
+    def image_input(self, encoder: Captioner, bucket: str | None) -> ImageInput:
+        return ImageInput(functools.partial(caption_input, encoder.processor, encoder.prompt_text))
 
     def encode(self, encoder: Captioner, items: list) -> list[Output]:
-        captions = [c.strip() for c in encoder.caption(items)]
+        captions = [c.strip() for c in encoder.caption_requests(items)]
         return [Output(fields={"caption": c}, error=None if c else "empty caption") for c in captions]
 

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 from prep import config
-from prep.stages.base import IMAGE, Artifact, Encoder, ModelSpec, Output, Stage, to_eval
+from prep.stages.base import IMAGE, Artifact, Encoder, ImageInput, ModelSpec, Output, Stage, to_eval
 
 ARTIFACT = Artifact(
     kind="dinov3",
@@ -72,7 +72,8 @@ class DINOv3Encoder(Encoder):
         from prep.models import finite_rows
 
         with torch.inference_mode():
-            pooled = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()
+            x = pixels.to(self.device, non_blocking=True).to(self.dtype)
+            pooled = self.model(pixel_values=x).pooler_output.float()
             return pooled.cpu().numpy(), finite_rows(pooled)
 
 
@@ -98,6 +99,11 @@ def dinov3_pixels(processor, path: str):
     return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
+def dinov3_input(processor, decoded):
+    """Worker: the DINOv3 input (3, H, W) float32 from the pass's shared decode (same pixels as `dinov3_pixels`)."""
+    return processor(images=[decoded.image], return_tensors="pt")["pixel_values"][0]
+
+
 def processor_size(processor) -> tuple[int, int] | None:
     """(width, height) an image processor resizes to, when it says so plainly."""
     size = getattr(processor, "size", None)
@@ -121,13 +127,15 @@ class DINOv3Stage(Stage):
             revision=model.load_revision,
         )
 
-    def worker_transform(self, encoder: DINOv3Encoder, bucket: str | None):
-        return functools.partial(dinov3_pixels, encoder.processor)
+    def image_input(self, encoder: DINOv3Encoder, bucket: str | None) -> ImageInput:
+        size = processor_size(encoder.processor)
+        return ImageInput(functools.partial(dinov3_input, encoder.processor), draft_to=size,
+                          pixels=size[0] * size[1] if size else None)
 
     def encode(self, encoder: DINOv3Encoder, items: list) -> list[Output]:
-        import torch
+        from prep.models import stack_on_host
 
-        pixels = torch.stack(items)
+        pixels = stack_on_host(items, encoder.device)
         arrays, finite = encoder.encode_pixels(pixels)
         size = list(pixels.shape[-2:])
         return [

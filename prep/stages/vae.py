@@ -15,7 +15,7 @@ import numpy as np
 from prep import config
 from prep.buckets import latent_shape, parse_bucket
 from prep.options import opt
-from prep.stages.base import IMAGE, Artifact, Encoder, ModelSpec, Output, Stage, to_eval
+from prep.stages.base import IMAGE, Artifact, Encoder, ImageInput, ModelSpec, Output, Stage, to_eval
 
 LATENT_KIND = "posterior_mean"
 LATENT_TRANSFORM = "(z - shift_factor) * scaling_factor"
@@ -40,6 +40,25 @@ class VAEEncoder(Encoder):
         self.subfolder = subfolder
         self.shift_factor = float(model.config.shift_factor or 0.0)
         self.scaling_factor = float(model.config.scaling_factor)
+        self.channels_last = False
+        self._pixel_table = None
+        if getattr(self.device, "type", str(self.device)) == "cuda":
+            self.use_channels_last()
+
+    def use_channels_last(self) -> None:
+        """NHWC weights and inputs: cuDNN's fast tensor-core convolutions (done on CUDA only: on
+        a CPU oneDNN's NHWC kernels round differently, and CPU results stay as they were)."""
+        import torch
+
+        self.model.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def compile(self) -> bool:
+        """Compile the encoder half, the only part that runs."""
+        from prep.models import compile_module
+
+        compile_module(self.model.encoder)
+        return True
 
     @classmethod
     def load(
@@ -76,11 +95,32 @@ class VAEEncoder(Encoder):
 
         with torch.inference_mode():
             x = pixels.to(device=self.device, dtype=self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             mean = self.model.encode(x).latent_dist.mean.float()
             latents = (mean - self.shift_factor) * self.scaling_factor
             stored = latents.to(torch.float16)
             finite = finite_rows(latents) & finite_rows(stored)
             return stored.cpu().numpy(), finite
+
+    def encode_uint8(self, crops) -> tuple[np.ndarray, np.ndarray]:
+        """Like `encode`, for uint8 bucket crops (B, H, W, 3) as the workers make them.
+
+        Only the uint8 bytes go to the device (stacked in pinned memory, copied without
+        blocking); there a lookup table gives the exact float32 values of `to_vae_pixels`.
+        """
+        import torch
+
+        from prep.models import stack_on_host
+
+        if self._pixel_table is None:
+            from prep.preprocess import vae_pixel_table
+
+            self._pixel_table = vae_pixel_table(self.device)
+        batch = stack_on_host(list(crops), self.device).to(self.device, non_blocking=True)
+        pixels = self._pixel_table[batch.to(torch.int32)].permute(0, 3, 1, 2)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.encode(pixels.contiguous(memory_format=memory_format))
 
     def convention(self) -> dict:
         """How to read the stored latents; goes into prep_metadata.json and the dataset card."""
@@ -127,18 +167,18 @@ class VAEStage(Stage):
             model.source, subfolder=model.subfolder, device=device, dtype=dtype, revision=model.load_revision
         )
 
-    def worker_transform(self, encoder: VAEEncoder, bucket: str | None):
-        from prep import preprocess
-
+    def image_input(self, encoder: VAEEncoder, bucket: str | None) -> ImageInput:
         width, height = parse_bucket(bucket)
-        return functools.partial(preprocess.load_bucket_crop, width=width, height=height)
+        return ImageInput(functools.partial(vae_crop, width=width, height=height), draft_to=(width, height),
+                          pixels=width * height)
 
     def encode(self, encoder: VAEEncoder, items: list) -> list[Output]:
-        from prep.preprocess import to_vae_pixels
+        import torch
 
-        pixels = to_vae_pixels(np.stack([crop for crop, _ in items]))
-        bucket = f"{pixels.shape[-1]}x{pixels.shape[-2]}"
-        arrays, finite = encoder.encode(pixels)
+        crops = [torch.as_tensor(crop) for crop, _ in items]
+        height, width = crops[0].shape[:2]
+        bucket = f"{width}x{height}"
+        arrays, finite = encoder.encode_uint8(crops)
         return [
             Output(
                 array=np.array(array),
@@ -147,6 +187,14 @@ class VAEStage(Stage):
             )
             for array, (_, box), ok in zip(arrays, items, finite, strict=True)
         ]
+
+
+def vae_crop(decoded, *, width: int, height: int):
+    """Worker: the bucket crop of a decode, uint8 (H, W, 3), and its box (a numpy array travels through the
+    loader's pipe, not /dev/shm, which containers often keep small)."""
+    from prep.preprocess import bucket_crop
+
+    return bucket_crop(decoded, width, height)
 
 
 # ------------------------------------------------------------------ latents of mirrored crops
@@ -172,11 +220,9 @@ class FlipOptions:
     )
 
 
-def mirrored_bucket_crop(path: str, *, width: int, height: int):
-    """The VAE's bucket crop, mirrored left to right (the crop box is the unmirrored one)."""
-    from prep import preprocess
-
-    crop, box = preprocess.load_bucket_crop(path, width=width, height=height)
+def mirrored_vae_crop(decoded, *, width: int, height: int):
+    """Worker: the VAE's bucket crop of a decode, mirrored left to right (the box is the unmirrored one)."""
+    crop, box = vae_crop(decoded, width=width, height=height)
     return np.ascontiguousarray(crop[:, ::-1]), box
 
 
@@ -197,6 +243,7 @@ class VAEFlipStage(VAEStage):
     def settings(self, opts) -> dict:
         return {"flip": "horizontal"}
 
-    def worker_transform(self, encoder: VAEEncoder, bucket: str | None):
+    def image_input(self, encoder: VAEEncoder, bucket: str | None) -> ImageInput:
         width, height = parse_bucket(bucket)
-        return functools.partial(mirrored_bucket_crop, width=width, height=height)
+        return ImageInput(functools.partial(mirrored_vae_crop, width=width, height=height), draft_to=(width, height),
+                          pixels=width * height)
