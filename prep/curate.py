@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from prep import dedup, nearcache, store
 from prep.buckets import parse_bucket
 from prep.errors import UserError
+from prep.parallel import bounded_map
 from prep.records import is_safe_id, needs_migration
 
 logger = logging.getLogger("prep")
@@ -402,7 +403,7 @@ def load_embeddings(derived_dir: Path, ids: list[str], *, workers: int = 8):
             ok[i] = True
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for _ in bar(pool.map(load, range(len(ids))), total=len(ids), desc="near-duplicates: read", unit="emb"):
+        for _ in bar(bounded_map(pool, load, range(len(ids))), total=len(ids), desc="near-duplicates: read", unit="emb"):
             pass
     return dedup.normalize_rows(matrix), ok
 
@@ -476,9 +477,9 @@ def near_flags(columns: Columns, effective: list, rules: Rules, keep: set[str], 
     info.pairs = len(found)
     flags = {int(index[local]): near_flag(ids[other], similarity, rules) for local, (other, similarity) in found.items()}
     kept = np.asarray([local not in found for local in range(len(ids))], dtype=bool)
-    nearcache.save(derived_dir, nearcache.KeptEmbeddings(
-        [i for i, k in zip(ids, kept, strict=True) if k], columns.embedding_stamp[index][kept],
-        matrix[kept].astype(np.float16), nearcache.settings_key(rules.near_duplicate, keep)))
+    nearcache.save(derived_dir, nearcache.settings_key(rules.near_duplicate, keep),
+                   [i for i, k in zip(ids, kept, strict=True) if k], columns.embedding_stamp[index][kept],
+                   [matrix[kept].astype(np.float16)], matrix.shape[1])
     info.seconds = time.perf_counter() - started
     return flags, pool, info
 
@@ -507,8 +508,7 @@ def near_flags_incremental(columns: Columns, pool: np.ndarray, effective: list, 
     ids = [columns.ids[i] for i in new]
     matrix, ok = load_embeddings(derived_dir, ids, workers=workers)
     corpus_ids = [i for i, a in zip(cache.ids, alive.tolist(), strict=True) if a]
-    corpus = np.asarray(cache.matrix[alive])
-    best, score = nearcache.best_matches(matrix, corpus)
+    best, score = nearcache.best_matches(matrix, cache.chunks(alive))  # a chunk in memory at a time
     flags, accepted = {}, []
     for local in dedup.priority_order(ids, columns.pixels[new]).tolist():
         if not ok[local]:
@@ -522,10 +522,9 @@ def near_flags_incremental(columns: Columns, pool: np.ndarray, effective: list, 
                 flags[new[local]] = near_flag(ids[accepted[int(sims.argmax())]], float(sims.max()), rules)
                 continue
         accepted.append(local)
-    nearcache.save(derived_dir, nearcache.KeptEmbeddings(
-        corpus_ids + [ids[k] for k in accepted],
-        np.concatenate([cache.stamps[alive], columns.embedding_stamp[np.asarray(new, dtype=np.int64)[accepted]]]),
-        np.concatenate([corpus, matrix[accepted].astype(np.float16)]), cache.key))
+    nearcache.append(derived_dir, cache, alive, [ids[k] for k in accepted],
+                     columns.embedding_stamp[np.asarray(new, dtype=np.int64)[accepted]],
+                     matrix[accepted].astype(np.float16).reshape(len(accepted), cache.dim))
     scope = np.zeros(len(columns), dtype=bool)
     scope[np.asarray(new, dtype=np.int64)] = True
     info.judged, info.pairs, info.seconds = len(new), len(flags), time.perf_counter() - started

@@ -6,6 +6,13 @@ every judgement the unit embeddings of the kept images (float16) are saved in th
 with their ids and the stamps of the files they came from; the next run judges only the images
 it has not judged (new, or whose embedding changed) against them, reading no other side file.
 
+The rows live in segment files (`.prep/near-kept-*.npy`) named by the index
+(`.prep/near-kept.json`): a run appends one small segment of the images it kept, so adding 200
+images to a million costs a 400 KB write, not a 2 GB one. Rows of images no longer kept are
+skipped when read (their stamps no longer match); the cache is compacted into one segment when
+those reach a quarter of it or the segments grow many. Every file is written atomically, rows
+before the index, so an index is only ever read with its own rows.
+
 Decisions already made stand: a new image that duplicates a kept one is flagged, even if it is
 larger. `prep curate` judges everything again from scratch (and rewrites the cache).
 """
@@ -14,23 +21,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-MATRIX_FILE = ".prep/near-kept.npy"
-INDEX_FILE = ".prep/near-kept.json"
+FOLDER = ".prep"
+INDEX_FILE = f"{FOLDER}/near-kept.json"
+SEGMENT_GLOB = "near-kept-*.npy"
+CHUNK_ROWS = 65536  # rows read, compared and written at a time: 128 MB of float16 at D = 1024
+MAX_SEGMENTS = 32  # more, and the next save compacts
+MAX_DEAD_SHARE = 0.25  # rows of images no longer kept, above which the next save compacts
+
+
+@dataclass
+class Segment:
+    path: Path
+    offset: int  # where the rows start in the .npy file
+    rows: int
 
 
 @dataclass
 class KeptEmbeddings:
-    """Unit float16 embeddings of kept images, their ids and their files' stamps (hash prefixes)."""
+    """The cache as found on disk: ids, their files' stamps (hash prefixes), and the segments of
+    unit float16 rows, read a chunk at a time (`chunks`) so memory stays one chunk however many
+    images are kept (2 GB of rows at a million)."""
 
     ids: list[str]
     stamps: np.ndarray  # int64
-    matrix: np.ndarray  # (n, D) float16, possibly memory-mapped
     key: str  # the judgement settings it belongs to (threshold, forced keeps)
+    segments: list[Segment]
+    dim: int
+
+    def chunks(self, select: np.ndarray | None = None, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+        """The float16 rows in order (only those `select` marks), `rows` at a time."""
+        done = 0
+        for segment in self.segments:
+            for block in _read_rows(segment, self.dim, rows):
+                yield block if select is None else block[select[done : done + len(block)]]
+                done += len(block)
+
+
+def _read_rows(segment: Segment, dim: int, rows: int) -> Iterator[np.ndarray]:
+    width = dim * 2
+    with open(segment.path, "rb") as f:
+        for start in range(0, segment.rows, rows):
+            count = min(rows, segment.rows - start)
+            block = np.empty((count, dim), dtype=np.float16)
+            f.seek(segment.offset + start * width)
+            if f.readinto(memoryview(block).cast("B")) != count * width:
+                raise OSError(f"{segment.path}: shorter than its header says")
+            yield block
 
 
 def settings_key(threshold: float, keep: set[str]) -> str:
@@ -38,40 +82,111 @@ def settings_key(threshold: float, keep: set[str]) -> str:
 
 
 def load(derived_dir: str | Path) -> KeptEmbeddings | None:
-    """The cache, or None when absent or unreadable (then everything is judged again)."""
+    """The cache (index and segment headers only), or None when absent or unreadable (then
+    everything is judged again)."""
     base = Path(derived_dir)
     try:
         index = json.loads((base / INDEX_FILE).read_text(encoding="utf-8"))
-        matrix = np.lib.format.open_memmap(base / MATRIX_FILE, mode="r")  # refuses object arrays
-    except (OSError, ValueError):
+        ids, stamps, names, dim = index["ids"], index["stamps"], index["segments"], int(index["dim"])
+        if not isinstance(ids, list) or not isinstance(stamps, list) or len(ids) != len(stamps):
+            return None
+        segments = [_segment(base / FOLDER / Path(name).name, dim) for name in names]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    ids, stamps = index.get("ids"), index.get("stamps")
-    if not isinstance(ids, list) or not isinstance(stamps, list) or len(ids) != len(stamps) != matrix.shape[0]:
+    if any(s is None for s in segments) or sum(s.rows for s in segments) != len(ids):
         return None
-    if matrix.ndim != 2 or matrix.shape[0] != len(ids):
+    return KeptEmbeddings(ids, np.asarray(stamps, dtype=np.int64), str(index.get("key")), segments, dim)
+
+
+def _segment(path: Path, dim: int) -> Segment | None:
+    """A segment's header, checked against the file's size (float16, C order, (rows, dim))."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            return None
+        shape, fortran, dtype = readers[version](f)
+        offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    if fortran or dtype != np.float16 or len(shape) != 2 or shape[1] != dim or size != offset + shape[0] * dim * 2:
         return None
-    return KeptEmbeddings(ids, np.asarray(stamps, dtype=np.int64), matrix, str(index.get("key")))
+    return Segment(path, offset, int(shape[0]))
 
 
-def save(derived_dir: str | Path, kept: KeptEmbeddings) -> None:
-    """Both files atomically, the matrix first: an index is only ever read with its own matrix."""
-    import io
-
-    from prep.fsio import atomic_write_bytes, atomic_write_text
-
+def save(derived_dir: str | Path, key: str, ids: list[str], stamps, parts: Iterable[np.ndarray], dim: int) -> None:
+    """A new cache of one segment (rows streamed from `parts`, in order), then its index; the
+    segments the index no longer names are removed."""
     base = Path(derived_dir)
-    (base / MATRIX_FILE).parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(kept.matrix, dtype=np.float16), allow_pickle=False)
-    atomic_write_bytes(base / MATRIX_FILE, buf.getvalue())
-    atomic_write_text(base / INDEX_FILE, json.dumps({"key": kept.key, "ids": kept.ids,
-                                                     "stamps": [int(s) for s in kept.stamps]}) + "\n")
+    segment = write_segment(base, parts, len(ids), dim)
+    write_index(base, key, ids, stamps, [segment], dim)
+    for stray in (base / FOLDER).glob(SEGMENT_GLOB):
+        if stray.name != segment:
+            stray.unlink(missing_ok=True)
+
+
+def append(derived_dir: str | Path, cache: KeptEmbeddings, alive: np.ndarray, ids: list[str], stamps,
+           rows: np.ndarray) -> None:
+    """The cache with the rows no longer kept left out and `rows` added: one new segment and the
+    index when that is cheap, else a compacted cache (one segment)."""
+    base = Path(derived_dir)
+    all_ids = [i for i, a in zip(cache.ids, alive.tolist(), strict=True) if a] + list(ids)
+    all_stamps = np.concatenate([cache.stamps[alive], np.asarray(stamps, dtype=np.int64)])
+    dead = len(cache.ids) - int(alive.sum())
+    if dead > MAX_DEAD_SHARE * max(1, len(cache.ids)) or len(cache.segments) + 1 > MAX_SEGMENTS:
+        save(base, cache.key, all_ids, all_stamps, _chain(cache.chunks(alive), [rows]), cache.dim)
+        return
+    kept_ids = list(cache.ids) + list(ids)  # dead rows stay in their segment; their stamps no longer match
+    kept_stamps = np.concatenate([cache.stamps, np.asarray(stamps, dtype=np.int64)])
+    names = [s.path.name for s in cache.segments]
+    if len(rows):
+        names.append(write_segment(base, [rows], len(rows), cache.dim))
+    write_index(base, cache.key, kept_ids, kept_stamps, names, cache.dim)
+
+
+def _chain(*parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for part in parts:
+        yield from part
+
+
+def write_segment(base: Path, parts: Iterable[np.ndarray], count: int, dim: int) -> str:
+    """Stream float16 rows into a new segment file (atomically); its name."""
+    from prep.fsio import fsync_dir
+
+    folder = base / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"near-kept-{uuid.uuid4().hex[:12]}.npy"
+    tmp = folder / f".{name}.prep-tmp"
+    try:
+        with open(tmp, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": (count, dim)}
+            np.lib.format.write_array_header_1_0(f, header)
+            written = 0
+            for part in parts:
+                f.write(np.ascontiguousarray(part, dtype=np.float16).tobytes())
+                written += len(part)
+            if written != count:
+                raise ValueError(f"near-duplicate cache: {written} rows written for {count}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+        fsync_dir(folder)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return name
+
+
+def write_index(base: Path, key: str, ids: list[str], stamps, segments: list[str], dim: int) -> None:
+    from prep.fsio import atomic_write_text
+
+    atomic_write_text(base / INDEX_FILE, json.dumps({"key": key, "dim": dim, "segments": segments, "ids": ids,
+                                                     "stamps": [int(s) for s in stamps]}) + "\n")
 
 
 def drop(derived_dir: str | Path) -> None:
     base = Path(derived_dir)
-    for name in (INDEX_FILE, MATRIX_FILE):
-        (base / name).unlink(missing_ok=True)
+    (base / INDEX_FILE).unlink(missing_ok=True)
+    for segment in (base / FOLDER).glob(SEGMENT_GLOB):
+        segment.unlink(missing_ok=True)
 
 
 def still_kept(kept: KeptEmbeddings, current: dict[str, int]) -> np.ndarray:
@@ -79,20 +194,28 @@ def still_kept(kept: KeptEmbeddings, current: dict[str, int]) -> np.ndarray:
     return np.asarray([current.get(i) == s for i, s in zip(kept.ids, kept.stamps.tolist(), strict=True)], dtype=bool)
 
 
-def best_matches(queries: np.ndarray, corpus: np.ndarray, *, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, the most similar corpus row and its cosine similarity (unit rows), in chunks."""
+def best_matches(queries: np.ndarray, corpus: np.ndarray | Iterable[np.ndarray], *,
+                 chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the most similar corpus row and its cosine similarity (unit rows).
+
+    `corpus`: an array, or its rows in consecutive chunks (`KeptEmbeddings.chunks`)."""
     import torch
 
     best = np.full(len(queries), -1, dtype=np.int64)
     score = np.full(len(queries), -np.inf, dtype=np.float32)
-    if not len(queries) or not len(corpus):
+    if not len(queries):
         return best, score
+    if isinstance(corpus, np.ndarray):
+        array = corpus
+        corpus = (array[start : start + chunk] for start in range(0, len(array), chunk))
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    for start in range(0, len(corpus), chunk):
-        block = torch.from_numpy(np.ascontiguousarray(corpus[start : start + chunk], dtype=np.float32))
-        sims = q @ block.T
-        values, where = sims.max(dim=1)
-        better = values.numpy() > score
-        score[better] = values.numpy()[better]
-        best[better] = where.numpy()[better] + start
+    start = 0
+    for rows in corpus:
+        if len(rows):
+            sims = q @ torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).T
+            values, where = sims.max(dim=1)
+            better = values.numpy() > score
+            score[better] = values.numpy()[better]
+            best[better] = where.numpy()[better] + start
+        start += len(rows)
     return best, score

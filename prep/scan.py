@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from prep.config import IMAGE_EXTENSIONS
 from prep.fsio import NotARegularFile, open_regular
+from prep.parallel import bounded_map
 from prep.preprocess import MAX_IMAGE_PIXELS
 from prep.records import is_safe_id
 
@@ -163,7 +164,7 @@ def _header_of(f) -> tuple[int, int, str | None, int]:
 def read_headers(paths: Iterable[Path], workers: int = 8) -> Iterator[ImageHeader]:
     """Headers of many files, in input order; threads hide file-system latency."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        yield from pool.map(read_image_header, paths)
+        yield from bounded_map(pool, read_image_header, paths)
 
 
 def slugify(stem: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from prep import provenance, stages
 from prep.errors import UserError
 from prep.manifest import read_manifest, resolve_manifest_path, rewrite
+from prep.parallel import bounded_map
 from prep.records import validate_record
 from prep.store import MISSING, VALID, artifact_path, check_artifact, read_metadata
 
@@ -141,9 +142,11 @@ def _verify(path, base, workers, expected, adopt_with, write_redo_list, progress
         report.note({"line": item.lineno, "kind": "manifest", "reason": item.reason})
     changed: dict[int, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = range(len(manifest))
-        results = pool.map(lambda row: (row, manifest.record(row)), rows)
-        checked = pool.map(lambda item: (*item, *check_record(item[1], base, expected, active)), results)
+        def check(row: int):
+            record = manifest.record(row)
+            return (row, record, *check_record(record, base, expected, active))
+
+        checked = bounded_map(pool, check, range(len(manifest)))
         for row, record, reasons, statuses, origins in progress(checked, total=len(manifest), desc="verify", unit="rec"):
             if isinstance(record.get("filtered"), dict):
                 report.filtered[str(record["filtered"].get("reason"))] += 1

@@ -23,9 +23,26 @@ def data(tmp_path_factory) -> dict:
     # laid out as the README's snippets expect: data/manifest.jsonl, data/derived
     root = tmp_path_factory.mktemp("sampling")
     data = build_dataset(root / "data", per_bucket=5)
+    write_uncond_state(data["derived"])
     data["root"] = root
     data["ds"] = prep.load_manifest(data["manifest"], data["derived"], ready_only=True)
     return data
+
+
+def write_uncond_state(derived) -> None:
+    """The empty caption's T5 state as the T5 pass leaves it (random values: the fixture has no T5)."""
+    from safetensors.numpy import save
+
+    from prep.fsio import atomic_write_bytes
+    from prep.provenance import bytes_sha256
+    from prep.stages.t5 import UNCOND_FILE
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros(77, dtype=np.uint8)
+    mask[0] = 1  # "" is the end-of-sequence token alone
+    payload = save({"t5_hidden": rng.standard_normal((77, 1024)).astype(np.float16), "t5_mask": mask})
+    atomic_write_bytes(derived / UNCOND_FILE, payload)
+    store.update_metadata(derived, {"uncond": {"path": UNCOND_FILE, "sha256": bytes_sha256(payload), "caption": ""}})
 
 
 def _bucket_of(ds, index: int) -> str:

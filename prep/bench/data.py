@@ -348,11 +348,14 @@ def _finish_curation(paths: dict[str, Path], n: int) -> None:
     curate.write_state(paths["derived"], curate.near_digest(columns, pool, list(columns.flags),
                                                             rules.near_duplicate, keep))
     index = np.flatnonzero(pool)
+    nearcache.save(paths["derived"], nearcache.settings_key(rules.near_duplicate, keep),
+                   [columns.ids[i] for i in index.tolist()], columns.embedding_stamp[index],
+                   _unit_rows(len(index), DINOV3_DIM), DINOV3_DIM)
+
+
+def _unit_rows(n: int, dim: int, chunk: int = 65536):
+    """`n` random unit float16 rows (distinct photos' embeddings), a chunk at a time."""
     rng = np.random.default_rng(0)
-    matrix = np.empty((len(index), DINOV3_DIM), dtype=np.float16)
-    for start in range(0, len(index), 65536):
-        block = rng.standard_normal((min(65536, len(index) - start), DINOV3_DIM), dtype=np.float32)
-        matrix[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    nearcache.save(paths["derived"], nearcache.KeptEmbeddings(
-        [columns.ids[i] for i in index.tolist()], columns.embedding_stamp[index], matrix,
-        nearcache.settings_key(rules.near_duplicate, keep)))
+    for start in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+        yield (block / np.linalg.norm(block, axis=1, keepdims=True)).astype(np.float16)

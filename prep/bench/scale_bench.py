@@ -133,6 +133,7 @@ def child_bare_verify(out: Path, derived: Path, threads: int = 8) -> None:
 
     import numpy as np
 
+    from prep.parallel import bounded_map
     from prep.store import file_artifacts
 
     def read(path: str) -> bool:
@@ -142,7 +143,7 @@ def child_bare_verify(out: Path, derived: Path, threads: int = 8) -> None:
     paths = [entry.path for a in file_artifacts().values() for entry in os.scandir(derived / a.folder)]
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        finite = sum(pool.map(read, paths, chunksize=256))
+        finite = sum(bounded_map(pool, read, paths))  # Executor.map would hold 3M futures at once
     out.write_text(json.dumps({"files": len(paths), "finite": finite, "seconds": time.perf_counter() - started,
                                "peak_rss_mb": peak_rss_mb()}))
 
