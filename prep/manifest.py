@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -430,7 +431,12 @@ class ManifestFile:
             return self.file.read(length)
 
     def copy_to(self, out, start: int, end: int) -> bytes:
-        """Copy bytes [start, end) to `out` in 1 MiB reads; returns the last byte copied."""
+        """Copy bytes [start, end) to `out`; returns the last byte copied.
+
+        In the kernel (`copy_file_range`: no trip through Python) when both are files on one
+        file system, else in 1 MiB reads."""
+        if end > start and _kernel_copy(self.file, out, start, end - start):
+            return self.read_at(end - 1, 1)
         last = b""
         position = start
         while position < end:
@@ -445,6 +451,25 @@ class ManifestFile:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()
+
+
+def _kernel_copy(src, out, offset: int, count: int) -> bool:
+    """`count` bytes of `src` from `offset` appended to `out` with copy_file_range; False when the
+    kernel cannot (then nothing was written)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        out.flush()
+        out_fd = out.fileno()
+        done = os.copy_file_range(src.fileno(), out_fd, count, offset)
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return False
+    while done < count:  # short copies: go on from where it stopped
+        step = os.copy_file_range(src.fileno(), out_fd, count - done, offset + done)
+        if step <= 0:
+            raise OSError(f"copy_file_range stopped after {done} of {count} bytes")
+        done += step
+    return True
 
 
 def read_manifest(path: str | Path, *, use_cache: bool = True) -> Manifest:
@@ -679,25 +704,28 @@ def rewrite(
 
 
 def _copy_rows(f, manifest: Manifest, keep: np.ndarray, new_lines: dict[int, bytes], lengths: np.ndarray) -> None:
-    """Write kept rows in order: runs of untouched, contiguous lines as one slice of the old file."""
+    """Write kept rows in order: runs of untouched, contiguous lines as one copy of the old file.
+
+    The runs are found with numpy (a run breaks at a changed or dropped row, and where the old
+    file has a gap: a rejected line), so the Python loop is over runs and changed rows only."""
     spans = manifest.spans
     data = manifest._data
-    run_start = run_end = None
-    for row in np.flatnonzero(keep).tolist():
-        line = new_lines.get(row)
-        offset, length = int(spans[row, 0]), int(spans[row, 1])
-        if line is None and run_end == offset:
-            run_end = offset + length
-            continue
-        if run_start is not None:
-            _write_run(f, data, run_start, run_end)
-            run_start = run_end = None
-        if line is not None:
-            f.write(line)
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return
+    offsets, sizes = spans[rows, 0].astype(np.int64), spans[rows, 1].astype(np.int64)
+    special = np.zeros(len(rows), dtype=bool)
+    if new_lines:
+        special[np.searchsorted(rows, np.fromiter(new_lines, dtype=np.int64, count=len(new_lines)))] = True
+    breaks = np.ones(len(rows), dtype=bool)  # a row that starts a new run
+    breaks[1:] = special[1:] | special[:-1] | (offsets[1:] != offsets[:-1] + sizes[:-1])
+    starts = np.flatnonzero(breaks)
+    ends = np.append(starts[1:], len(rows))
+    for first, stop in zip(starts.tolist(), ends.tolist(), strict=True):
+        if special[first]:
+            f.write(new_lines[int(rows[first])])
         else:
-            run_start, run_end = offset, offset + length
-    if run_start is not None:
-        _write_run(f, data, run_start, run_end)
+            _write_run(f, data, int(offsets[first]), int(offsets[stop - 1] + sizes[stop - 1]))
 
 
 def _write_run(f, data: ManifestFile, start: int, end: int) -> None:
@@ -709,24 +737,97 @@ def _spliced_table(
     manifest: Manifest, kept_rows: np.ndarray, changed: dict[int, dict], appended: list[dict],
     offsets: np.ndarray, lengths: np.ndarray,
 ) -> pa.Table:
+    """The new projection: the old one with the changed rows projected again, dropped rows left
+    out and appended ones added; offsets and lengths of the new file."""
     old = manifest.table
+    kept = kept_rows.astype(np.int64)
+    changed_rows = np.asarray(sorted(changed), dtype=np.int64)
+    changed_rows = changed_rows[np.isin(changed_rows, kept)] if len(changed_rows) else changed_rows
+    table = _splice_in_place(old, kept, changed_rows, changed, appended)
+    if table is None:  # a new column or type: the general (slower) way
+        table = _splice_by_take(old, kept, changed_rows, changed, appended)
+    table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
+    table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
+    return _redictionary(table)
+
+
+MAX_SLICES = 4096  # changed rows spliced as slices; more, and one take is cheaper
+
+
+def _splice_in_place(old: pa.Table, kept: np.ndarray, changed_rows: np.ndarray, changed: dict[int, dict],
+                     appended: list[dict]) -> pa.Table | None:
+    """Slices of the old table with the re-projected rows between them (zero-copy slices, then one
+    C++ concatenation): no per-row Python and no decoding of the dictionary columns. None when a
+    new part does not fit the old schema."""
+    if len(kept) != old.num_rows:
+        old = old.take(pa.array(kept))  # rows dropped (rare: prune)
+        changed_rows = np.searchsorted(kept, changed_rows)
+        changed = {int(new): changed[int(row)] for new, row in zip(changed_rows.tolist(), kept[changed_rows].tolist(),
+                                                                     strict=True)} if len(changed_rows) else {}
+        changed_rows = np.asarray(sorted(changed), dtype=np.int64)
+    parts, position = [], 0
+    fresh = _fitted(project((changed[int(row)], 0, 0) for row in changed_rows.tolist()), old.schema) if len(
+        changed_rows) else None
+    if len(changed_rows) and fresh is None:
+        return None
+    if len(changed_rows) > MAX_SLICES:  # many scattered rows: one take over old + fresh (still no decoding)
+        indices = np.arange(old.num_rows, dtype=np.int64)
+        indices[changed_rows] = old.num_rows + np.arange(len(changed_rows), dtype=np.int64)
+        old = pa.concat_tables([old, fresh]).take(pa.array(indices))
+        changed_rows = changed_rows[:0]
+    for i, row in enumerate(changed_rows.tolist()):
+        if row > position:
+            parts.append(old.slice(position, row - position))
+        parts.append(fresh.slice(i, 1))
+        position = row + 1
+    if position < old.num_rows:
+        parts.append(old.slice(position))
+    if appended:
+        tail = _fitted(project((record, 0, 0) for record in appended), old.schema)
+        if tail is None:
+            return None
+        parts.append(tail)
+    if not parts:
+        return old.slice(0, 0)
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _fitted(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
+    """`table` with the columns and types of `schema` (missing columns null); None when it has a
+    column `schema` lacks or a value that does not cast."""
+    if any(name not in schema.names for name in table.column_names):
+        return None
+    columns = []
+    try:
+        for field in schema:
+            if field.name in table.column_names:
+                column = table.column(field.name)
+                if pa.types.is_dictionary(field.type) and not pa.types.is_dictionary(column.type):
+                    column = column.cast(field.type.value_type).dictionary_encode()
+                    column = column.cast(field.type) if column.type != field.type else column
+                elif column.type != field.type:
+                    column = column.cast(field.type)
+            else:
+                column = pa.nulls(table.num_rows, field.type)
+            columns.append(column)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _splice_by_take(old: pa.Table, kept: np.ndarray, changed_rows: np.ndarray, changed: dict[int, dict],
+                    appended: list[dict]) -> pa.Table:
     parts = [_unify(old)]
-    indices = kept_rows.astype(np.int64).copy()
-    changed_rows = [row for row in changed if row in set(kept_rows.tolist())] if changed else []
-    if changed_rows:
-        position = {int(row): i for i, row in enumerate(kept_rows.tolist())}
-        parts.append(_unify(project((changed[row], 0, 0) for row in changed_rows)))
-        for i, row in enumerate(changed_rows):
-            indices[position[row]] = old.num_rows + i
+    indices = kept.copy()
+    if len(changed_rows):
+        parts.append(_unify(project((changed[int(row)], 0, 0) for row in changed_rows.tolist())))
+        indices[np.searchsorted(kept, changed_rows)] = old.num_rows + np.arange(len(changed_rows), dtype=np.int64)
     extra = old.num_rows + len(changed_rows)
     if appended:
         parts.append(_unify(project((record, 0, 0) for record in appended)))
         indices = np.concatenate([indices, extra + np.arange(len(appended), dtype=np.int64)])
     combined = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-    table = combined.take(pa.array(indices))
-    table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
-    table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
-    return _redictionary(table)
+    return combined.take(pa.array(indices))
 
 
 def _unify(table: pa.Table) -> pa.Table:

@@ -153,8 +153,8 @@ def write_segment(base: Path, parts: Iterable[np.ndarray], count: int, dim: int)
 
     folder = base / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"near-kept-{uuid.uuid4().hex[:12]}.npy"
-    tmp = folder / f".{name}.prep-tmp"
+    tmp = folder / f".near-kept-{uuid.uuid4().hex[:12]}.npy.prep-tmp"
+    digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
@@ -162,12 +162,15 @@ def write_segment(base: Path, parts: Iterable[np.ndarray], count: int, dim: int)
             np.lib.format.write_array_header_1_0(f, header)
             written = 0
             for part in parts:
-                f.write(np.ascontiguousarray(part, dtype=np.float16).tobytes())
+                data = np.ascontiguousarray(part, dtype=np.float16).tobytes()
+                f.write(data)
+                digest.update(data)
                 written += len(part)
             if written != count:
                 raise ValueError(f"near-duplicate cache: {written} rows written for {count}")
             f.flush()
             os.fsync(f.fileno())
+        name = f"near-kept-{digest.hexdigest()[:16]}.npy"  # named by content: the same rows, the same file
         os.replace(tmp, folder / name)
         fsync_dir(folder)
     finally:

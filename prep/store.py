@@ -58,9 +58,26 @@ def file_artifacts(active=None) -> dict:
 
 def active_stages(base: str | Path) -> frozenset[str]:
     """The optional stages a dataset ran (`prep_metadata.json` "optional_stages"): their artifacts
-    belong to it (a flipped latent per record, once `--flip-latents` ran)."""
-    names = read_metadata(base).get("optional_stages")
-    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
+    belong to it (a flipped latent per record, once `--flip-latents` ran).
+
+    Asked once per record by readiness checks over millions of records: the parsed answer is
+    kept while the file is the same (same inode, size and mtime: it is only ever replaced)."""
+    try:
+        st = os.stat(Path(base) / METADATA_FILE)
+        key = (str(base), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (str(base), None, None, None)
+    found = _ACTIVE_CACHE.get(key)
+    if found is None:
+        names = read_metadata(base).get("optional_stages")
+        found = frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
+        if len(_ACTIVE_CACHE) > 64:
+            _ACTIVE_CACHE.clear()
+        _ACTIVE_CACHE[key] = found
+    return found
+
+
+_ACTIVE_CACHE: dict[tuple, frozenset[str]] = {}
 
 
 def dataset_artifacts(base: str | Path) -> dict:

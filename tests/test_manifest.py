@@ -349,3 +349,41 @@ def test_large_v1_manifest_reads_fully_and_quickly(tmp_path):
     records = list(manifest)
     assert records[7]["dinov3_embedding"] == json.loads(embeddings[7])
     assert sum(records[13]["t5_attention_mask"]) == 18
+
+
+# ----------------------------------------------------------------------------- spliced projection
+def stamped(i: int, bucket: str = "832x1216") -> dict:
+    stamp = {"model_id": "m", "revision": "r", "dtype": "torch.float32", "image_sha256": f"{i:064x}", "format": 2,
+             "bucket": bucket, "file": {"size": 10 + i, "mtime_ns": i, "sha256": f"{i + 1:064x}"}}
+    return v2(i, aspect_bucket=bucket, image_fingerprint={"size": i, "mtime_ns": i, "sha256": f"{i:064x}"},
+              provenance={"vae": stamp, "dinov3": {**stamp, "input_size": [224, 224]}})
+
+
+@pytest.mark.parametrize("slices", [4096, 1], ids=["slices", "one-take"])
+@pytest.mark.parametrize("new_column", [False, True], ids=["same-columns", "new-column"])
+def test_a_rewrite_projects_exactly_what_a_fresh_read_projects(tmp_path, monkeypatch, slices, new_column):
+    """The projection a rewrite splices (old rows kept, changed rows projected again, dropped rows out,
+    appended rows added) equals the projection of the new file read from scratch."""
+    import prep.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "MAX_SLICES", slices)
+    path = tmp_path / "manifest.jsonl"
+    lines = [json.dumps(stamped(i, "832x1216" if i % 3 else "1024x1024")) for i in range(40)]
+    lines.insert(7, "{not json")  # a gap in the old file between rows
+    write_lines(path, lines)
+    manifest = read_manifest(path)
+    changed = {}
+    for row in (0, 5, 6, 7, 20, 39):
+        record = manifest.record(row)
+        record["caption"] = f"edited {row}"
+        record["aspect_bucket"] = "1216x832"
+        if new_column and row == 20:
+            record["provenance"]["vae_flip"] = dict(record["provenance"]["vae"], flip="horizontal")
+        changed[row] = record
+    appended = [stamped(100, "768x1280"), v2(101)]
+    result = manifest_module.rewrite(manifest, changed, appended, drop=[3, 6])
+    fresh = read_manifest(path, use_cache=False)
+    assert result.table.column_names == fresh.table.column_names
+    assert result.table.to_pylist() == fresh.table.to_pylist()
+    assert [result.record(row) for row in range(len(result))] == [fresh.record(row) for row in range(len(fresh))]
+    assert len(fresh) == 40 - 2 + 2 and fresh.record(4)["caption"] == "edited 5"

@@ -25,7 +25,7 @@ from prep.config import DINOV3_DIM, FORMAT_VERSION, T5_HIDDEN_DIM, T5_MAX_LENGTH
 from prep.store import artifact_dir, file_artifacts
 
 SMALL_BUCKETS: list[Bucket] = [(w // 4, h // 4) for w, h in ASPECT_BUCKETS]  # 256^2-class, multiples of 16
-DATA_VERSION = 1
+DATA_VERSION = 2
 MARKER = ".bench-images.json"
 
 CAPTION_WORDS = (

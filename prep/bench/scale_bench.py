@@ -193,6 +193,8 @@ def _snapshot(paths: dict, into: Path) -> None:
     into.mkdir(parents=True, exist_ok=True)
     for path in (paths["manifest"], paths["derived"] / "prep_metadata.json"):
         shutil.copy2(path, into / path.name)
+    shutil.rmtree(into / ".prep", ignore_errors=True)  # curation state and near-duplicate cache: files are
+    shutil.copytree(paths["derived"] / ".prep", into / ".prep", copy_function=os.link)  # replaced, never changed
 
 
 def _restore(paths: dict, into: Path) -> None:
@@ -200,6 +202,8 @@ def _restore(paths: dict, into: Path) -> None:
 
     shutil.copy2(into / paths["manifest"].name, paths["manifest"])
     shutil.copy2(into / "prep_metadata.json", paths["derived"] / "prep_metadata.json")
+    shutil.rmtree(paths["derived"] / ".prep", ignore_errors=True)
+    shutil.copytree(into / ".prep", paths["derived"] / ".prep", copy_function=os.link)
     for artifact in file_artifacts().values():
         for path in (paths["derived"] / artifact.folder).glob("new*.npy"):
             path.unlink()
