@@ -291,6 +291,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the bench parser takes the rest as is (REMAINDER drops a leading --help)
+        from prep.bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     try:
         args = parse(argv)
     except UserError as exc:

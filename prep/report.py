@@ -860,10 +860,7 @@ def build_report(
 
     figure_classes = require_matplotlib()
     manifest_path, base = Path(manifest_path), Path(derived_dir)
-    if not manifest_path.is_file():
-        raise ReportError(f"manifest {manifest_path} not found")
-    if not base.is_dir():
-        raise ReportError(f"derived dir {base} not found")
+    check_report_inputs(manifest_path, base)
     out = prepare_out_dir(Path(out))
     notes: list[str] = []
     metadata = store.read_metadata(base)
@@ -876,37 +873,12 @@ def build_report(
                                                       filtered_at=filtered_at)
     stats.max_upscale = upscale_limit(metadata)
     flagged_entries = filtered_entries(examples, manifest, manifest_path)
-    if t5_model is None:
-        recorded = metadata.get("models", {}).get("t5", {}) if isinstance(metadata.get("models"), dict) else {}
-        t5_model = recorded.get("model_id") if isinstance(recorded, dict) else None
-    count_tokens(captions, t5_model, stats)
-    if stats.token_note:
-        notes.append(stats.token_note)
-    if stats.ready_but_invalid:
-        notes.append(
-            f"{stats.ready_but_invalid} record{'' if stats.ready_but_invalid == 1 else 's'} pass the header-only "
-            "readiness check (the one export uses) but fail verify (non-finite values or truncated data): "
-            "export would ship them; run `prep verify` and re-encode them."
-        )
-
-    decoder, decode_note = None, "not decoded (--no-decode)"
-    if decode and sampled:
-        decoder, decode_note = load_decoder(metadata, vae_model, vae_subfolder, device, dtype, notes)
-        if decoder is not None and str(decoder.device) == "cpu":
-            logger.info("decoding %d latents on the CPU (slow for 1024px buckets; --no-decode skips it)", len(sampled))
-    entries = sheet_entries(
-        sampled, base, decoder=decoder, decode_note=decode_note, manifest_path=manifest_path, progress=progress
-    )
-    if decoder is not None:
-        from prep.models import free_model
-
-        free_model(decoder.vae)
-
-    sheets = []
-    for page, start in enumerate(range(0, len(entries), SHEET_PAGE), start=1):
-        sheet = out / f"contact_sheet_{page:02d}.png"
-        render_sheet(entries[start : start + SHEET_PAGE], sheet, stats.max_upscale)
-        sheets.append(sheet)
+    count_tokens(captions, t5_model or recorded_model(metadata, "t5"), stats)
+    notes.extend(stats_notes(stats))
+    entries, decoded = decoded_entries(sampled, base, manifest_path, metadata, notes, decode=decode,
+                                       vae_model=vae_model, vae_subfolder=vae_subfolder, device=device,
+                                       dtype=dtype, progress=progress)
+    sheets = render_sheets(entries, out, stats.max_upscale)
     strip = out / "filtered_strip.png"
     strip.unlink(missing_ok=True)
     if flagged_entries:
@@ -926,13 +898,65 @@ def build_report(
             notes=notes,
             samples=samples,
             seed=seed,
-            decoded=decoder is not None,
+            decoded=decoded,
             filtered=flagged_entries,
             strip=strip if flagged_entries else None,
         ),
     )
     return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata,
                         flagged_entries)
+
+
+def check_report_inputs(manifest_path: Path, base: Path) -> None:
+    if not manifest_path.is_file():
+        raise ReportError(f"manifest {manifest_path} not found")
+    if not base.is_dir():
+        raise ReportError(f"derived dir {base} not found")
+
+
+def recorded_model(metadata: dict, stage: str) -> str | None:
+    """The model id prep_metadata.json records for `stage`, or None."""
+    models = metadata.get("models")
+    recorded = models.get(stage, {}) if isinstance(models, dict) else {}
+    return recorded.get("model_id") if isinstance(recorded, dict) else None
+
+
+def stats_notes(stats: DatasetStats) -> list[str]:
+    notes = [stats.token_note] if stats.token_note else []
+    if stats.ready_but_invalid:
+        notes.append(
+            f"{stats.ready_but_invalid} record{'' if stats.ready_but_invalid == 1 else 's'} pass the header-only "
+            "readiness check (the one export uses) but fail verify (non-finite values or truncated data): "
+            "export would ship them; run `prep verify` and re-encode them."
+        )
+    return notes
+
+
+def decoded_entries(sampled, base: Path, manifest_path: Path, metadata: dict, notes: list[str], *, decode: bool,
+                    vae_model, vae_subfolder, device: str, dtype: str, progress: bool):
+    """The contact-sheet entries, latents decoded when asked and a VAE loads; (entries, decoded)."""
+    decoder, decode_note = None, "not decoded (--no-decode)"
+    if decode and sampled:
+        decoder, decode_note = load_decoder(metadata, vae_model, vae_subfolder, device, dtype, notes)
+        if decoder is not None and str(decoder.device) == "cpu":
+            logger.info("decoding %d latents on the CPU (slow for 1024px buckets; --no-decode skips it)", len(sampled))
+    entries = sheet_entries(
+        sampled, base, decoder=decoder, decode_note=decode_note, manifest_path=manifest_path, progress=progress
+    )
+    if decoder is not None:
+        from prep.models import free_model
+
+        free_model(decoder.vae)
+    return entries, decoder is not None
+
+
+def render_sheets(entries, out: Path, max_upscale) -> list[Path]:
+    sheets = []
+    for page, start in enumerate(range(0, len(entries), SHEET_PAGE), start=1):
+        sheet = out / f"contact_sheet_{page:02d}.png"
+        render_sheet(entries[start : start + SHEET_PAGE], sheet, max_upscale)
+        sheets.append(sheet)
+    return sheets
 
 
 def summary_line(result: ReportResult) -> str:

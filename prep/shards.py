@@ -786,6 +786,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             yield from islice(self._padding(plan.pad), plan.quota - done)
 
 
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def load_shards(
     path_or_hub_id: str | Path,
     bucket: str | None = None,
@@ -830,10 +836,7 @@ def load_shards(
 
     `uncond=True` also loads the export's empty-caption T5 state (see `load_uncond`) into `.uncond`.
     """
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_member_bytes < 1:
-        raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
+    _check_positive(batch_size=batch_size, max_member_bytes=max_member_bytes)
     shards = list_shards(path_or_hub_id, bucket, revision=revision, fs=fs)
     rank, world_size = resolve_rank_world(rank, world_size) if split else (0, 1)
     if world_size > 1 and even_batches:

@@ -85,7 +85,7 @@ def test_size_categories_are_hub_values():
     assert {label for _, label in SIZE_CATEGORIES} | {"n>1T"} == HUB_SIZE_CATEGORIES
 
 
-def test_model_ids_never_local_paths(export):
+def test_case11_card_model_ids_never_local_paths(export):
     assert public_model_id(CACHE_PATH) == ("black-forest-labs/FLUX.1-dev", "0ef5fff789c832c5c7f4e127f94c8b54bbcced44")
     assert public_model_id("/data/private/models/my-t5", "sha256:0123") == ("local model 'my-t5'", "sha256:0123")
     assert public_model_id("models/tiny-vae", "sha256:0123")[0] == "local model 'tiny-vae'"

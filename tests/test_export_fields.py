@@ -101,7 +101,7 @@ def _all_tar_bytes(out: Path) -> bytes:
 
 
 # ------------------------------------------------------------------------ image_path
-def test_image_path_modes(tmp_path):
+def test_case11_image_path_relative_by_default_absolute_or_none(tmp_path):
     home = tmp_path / "home" / "alice_private"
     data = _dataset(tmp_path / "d", paths=lambda i: str(home / "holiday" / f"set{i % 2}" / f"p{i}.jpg"),
                     roots=[str(home / "holiday")])

@@ -177,7 +177,7 @@ def _what_upload_folder_selects(folder: Path, upload: dict) -> set[str]:
     return set(filter_repo_objects(every, allow_patterns=upload["allow_patterns"], ignore_patterns=ignore))
 
 
-def test_only_what_index_json_names_goes_up(export_dir, capsys):
+def test_case12_push_uploads_only_what_index_json_names(export_dir, capsys):
     index = json.loads((export_dir / "index.json").read_text())
     expected = {"README.md", "index.json", "stats.json", *(s["path"] for s in index["shards"])}
     api = FakeApi()
@@ -265,7 +265,7 @@ def _connect_error():
     (_connect_error, "create_repo", "could not reach the Hub .ConnectError"),
     (lambda: ConnectionResetError("reset by peer"), "upload_folder", "could not reach the Hub"),
 ])
-def test_network_failures_are_one_line(export_dir, monkeypatch, capsys, make_error, where, match):
+def test_case8_push_network_failures_are_one_line(export_dir, monkeypatch, capsys, make_error, where, match):
     class FailingApi(FakeApi):
         def __getattribute__(self, name):
             if name == where:

@@ -146,7 +146,7 @@ def _gzip_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_compressed_shard_refused_unless_allowed(data, tmp_path):
+def test_case7_compressed_shard_refused_unless_allowed(data, tmp_path):
     src = data["out"] / "bucket_64x64" / "shard-000000.tar"
     _gzip_copy(src, tmp_path / "bucket_64x64" / "shard-000000.tar")
     with pytest.raises(ShardError, match=r"shard-000000.tar is gz-compressed.*allow_compressed=True"):
@@ -173,7 +173,7 @@ def _huge_zero_member_tar(path: Path, member_size: int, compress: bool) -> Path:
     return path
 
 
-def test_member_size_capped_from_header_before_reading(tmp_path, monkeypatch):
+def test_case7_member_size_capped_from_header_before_reading(tmp_path, monkeypatch):
     # a gzip bomb: 8 MiB of zeros in a few KB; with the compression allowed, the cap still applies
     shard = _huge_zero_member_tar(tmp_path / "bucket_64x64" / "shard-000000.tar", 8 << 20, compress=True)
     assert shard.stat().st_size < 64 << 10
@@ -305,7 +305,7 @@ def test_decode_sample_raw_bytes():
         shards.decode_sample({"__key__": "k", "json": b"{}"})
 
 
-def test_index_json_errors_are_clear(data, tmp_path):
+def test_case8_index_json_errors_are_clear(data, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(data["out"], copy)
     index = json.loads((copy / "index.json").read_text())

@@ -104,42 +104,27 @@ def child_naive(out: Path, images: Path, buckets: str, models: dict[str, str], d
         (target / kind).mkdir(parents=True, exist_ok=True)
     load, work = {}, {}
 
-    started = time.perf_counter()
-    t5 = T5Encoder.load(models["t5"], device="cpu", dtype=dtype)
-    load["t5"] = time.perf_counter() - started
-    started = time.perf_counter()
-    for path in files:
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        hidden, masks, _ = t5.encode([caption])
-        np.save(target / "t5" / f"{path.stem}.npy", hidden[0])
-    work["t5"] = time.perf_counter() - started
-    t5.unload()
+    def timed(kind: str, encoder_class, encode_one) -> None:
+        started = time.perf_counter()
+        encoder = encoder_class.load(models[kind], device="cpu", dtype=dtype)
+        load[kind] = time.perf_counter() - started
+        started = time.perf_counter()
+        for path in files:
+            np.save(target / kind / f"{path.stem}.npy", encode_one(encoder, path))
+        work[kind] = time.perf_counter() - started
+        encoder.unload()
 
-    started = time.perf_counter()
-    dino = DINOv3Encoder.load(models["dinov3"], device="cpu", dtype=dtype)
-    load["dinov3"] = time.perf_counter() - started
-    started = time.perf_counter()
-    for path in files:
-        embedding, _ = dino.encode([open_rgb(path)])
-        np.save(target / "dinov3" / f"{path.stem}.npy", embedding[0])
-    work["dinov3"] = time.perf_counter() - started
-    dino.unload()
-
-    started = time.perf_counter()
-    vae = VAEEncoder.load(models["vae"], device="cpu", dtype=dtype)
-    load["vae"] = time.perf_counter() - started
-    started = time.perf_counter()
-    for path in files:
+    def vae_latent(vae, path: Path):
         with Image.open(path) as header:
             width, height = header.size
             if int(header.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8):
                 width, height = height, width
         bucket_w, bucket_h = parse_bucket(assign_aspect_bucket(width, height, bucket_list))
-        pixels = to_vae_pixels(load_bucket_image(path, bucket_w, bucket_h)[None])
-        latents, _ = vae.encode(pixels)
-        np.save(target / "vae" / f"{path.stem}.npy", latents[0])
-    work["vae"] = time.perf_counter() - started
-    vae.unload()
+        return vae.encode(to_vae_pixels(load_bucket_image(path, bucket_w, bucket_h)[None]))[0][0]
+
+    timed("t5", T5Encoder, lambda t5, path: t5.encode([path.with_suffix(".txt").read_text(encoding="utf-8").strip()])[0][0])
+    timed("dinov3", DINOv3Encoder, lambda dino, path: dino.encode([open_rgb(path)])[0][0])
+    timed("vae", VAEEncoder, vae_latent)
     payload = {
         "records": len(files),
         "load_seconds": load,

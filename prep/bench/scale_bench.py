@@ -190,17 +190,25 @@ def new_images(folder: Path, n: int) -> Path:
 
 def _snapshot(paths: dict, into: Path) -> None:
     """Keep the manifest and its metadata aside (the side files of new records are told apart by name)."""
+    from prep.manifest import cache_file
+
     into.mkdir(parents=True, exist_ok=True)
-    for path in (paths["manifest"], paths["derived"] / "prep_metadata.json"):
-        shutil.copy2(path, into / path.name)
+    for path in (paths["manifest"], cache_file(paths["manifest"]), paths["derived"] / "prep_metadata.json"):
+        if path.exists():  # the projection cache too: restored, the next command reads warm as a user's would
+            shutil.copy2(path, into / path.name)
     shutil.rmtree(into / ".prep", ignore_errors=True)  # curation state and near-duplicate cache: files are
     shutil.copytree(paths["derived"] / ".prep", into / ".prep", copy_function=os.link)  # replaced, never changed
 
 
 def _restore(paths: dict, into: Path) -> None:
+    from prep.manifest import cache_file
     from prep.store import file_artifacts
 
     shutil.copy2(into / paths["manifest"].name, paths["manifest"])
+    cache = cache_file(paths["manifest"])
+    cache.unlink(missing_ok=True)
+    if (into / cache.name).exists():
+        shutil.copy2(into / cache.name, cache)
     shutil.copy2(into / "prep_metadata.json", paths["derived"] / "prep_metadata.json")
     shutil.rmtree(paths["derived"] / ".prep", ignore_errors=True)
     shutil.copytree(into / ".prep", paths["derived"] / ".prep", copy_function=os.link)
