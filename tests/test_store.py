@@ -216,7 +216,7 @@ def test_check_artifact_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
-def test_case8_fortran_order_is_invalid_everywhere_read_npy_header_versions(tmp_path):
+def test_case8_npy_header_reader_refuses_fortran_order_and_reads_versions(tmp_path):
     v1 = tmp_path / "v1.npy"
     np.save(v1, np.zeros((2, 5), dtype="<f2"))
     assert read_npy_header(v1) == ((2, 5), np.dtype("<f2"))

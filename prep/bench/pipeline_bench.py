@@ -122,7 +122,10 @@ def child_naive(out: Path, images: Path, buckets: str, models: dict[str, str], d
         bucket_w, bucket_h = parse_bucket(assign_aspect_bucket(width, height, bucket_list))
         return vae.encode(to_vae_pixels(load_bucket_image(path, bucket_w, bucket_h)[None]))[0][0]
 
-    timed("t5", T5Encoder, lambda t5, path: t5.encode([path.with_suffix(".txt").read_text(encoding="utf-8").strip()])[0][0])
+    def t5_hidden(t5, path: Path):
+        return t5.encode([path.with_suffix(".txt").read_text(encoding="utf-8").strip()])[0][0]
+
+    timed("t5", T5Encoder, t5_hidden)
     timed("dinov3", DINOv3Encoder, lambda dino, path: dino.encode([open_rgb(path)])[0][0])
     timed("vae", VAEEncoder, vae_latent)
     payload = {
