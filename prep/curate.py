@@ -682,16 +682,36 @@ def curate_records(prep) -> None:
     log_changes(judgement, "before the passes")
 
 
+def journal_flags(manifest, judgement: Judgement, manifest_path) -> int:
+    """The judgement's changes as journal updates (main rank, between passes): the next pass reads
+    them overlaid and the run's final fold writes them, with no rewrite of its own. Returns how
+    many records changed."""
+    from prep import journal
+
+    updates = []
+    for row, flag in judgement.changes.items():
+        record = manifest.record(row)
+        if set_flag(record, flag):
+            image_id = record["image_id"]
+            updates.append({"image_id": image_id, "filtered": flag} if flag is not None
+                           else {"image_id": image_id, journal.UNSET: ["filtered"]})
+    writer = journal.Journal(manifest_path, 0)
+    writer.append(updates)
+    writer.close()
+    return len(updates)
+
+
 def curate_after_stage(opts, device: str) -> Judgement:
-    """Main rank, after the DINOv3 pass: every rule again, near duplicates included; one rewrite."""
-    from prep.manifest import read_manifest
+    """Main rank, after the DINOv3 pass: every rule again, near duplicates included, on the manifest
+    as the run has it (journals overlaid); changed flags are journaled (`journal_flags`)."""
+    from prep.journal import read_current
 
     rules = rules_for(opts, opts.derived_dir)
-    manifest = read_manifest(opts.manifest)
+    manifest = read_current(opts.manifest)
     judgement = judge(columns_of_manifest(manifest), rules, derived_dir=opts.derived_dir, near=True, device=device,
                       workers=max(8, getattr(opts, "num_workers", 0) or 0),  # reader threads: the files are small
                       previous_digest=read_state(opts.derived_dir).get("near_duplicate_digest"), incremental=True)
-    apply_to_manifest(manifest, judgement)
+    journal_flags(manifest, judgement, opts.manifest)
     write_state(opts.derived_dir, judgement.near.digest if judgement.near else None)
     remember_rules(opts.derived_dir, rules)
     log_changes(judgement, "after the dinov3 pass")
@@ -728,12 +748,13 @@ def curate_dataset(opts) -> tuple[Judgement, list]:
 
     Returns the judgement and the record ids (by index). Takes the manifest's lock when writing.
     """
-    from prep.manifest import read_manifest, resolve_manifest_path
+    from prep.manifest import lock_manifest, read_manifest, resolve_manifest_path
 
     rules = rules_for(opts, opts.derived_dir)
     if not Path(opts.manifest).exists() or not resolve_manifest_path(opts.manifest).is_file():
         raise UserError(f"manifest {opts.manifest} does not exist or is not a file (pass --manifest)")
-    lock = None if opts.dry_run else _lock(opts.manifest)
+    lock = None if opts.dry_run else lock_manifest(
+        opts.manifest, "curation rewrites the manifest; wait for the other job (or use --dry-run)")
     try:
         manifest = read_manifest(opts.manifest)
         columns = columns_of_manifest(manifest)
@@ -750,17 +771,6 @@ def curate_dataset(opts) -> tuple[Judgement, list]:
 
             release_lock(lock)
     return judgement, columns.ids
-
-
-def _lock(manifest: Path):
-    from prep.fsio import LockedError, acquire_lock
-    from prep.manifest import resolve_manifest_path
-
-    target = resolve_manifest_path(manifest)
-    try:
-        return acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {manifest}")
-    except LockedError as exc:
-        raise UserError(f"{exc}: curation rewrites the manifest; wait for the other job (or use --dry-run)") from None
 
 
 LISTED = 20

@@ -2,9 +2,11 @@
 
 Each process appends one JSON line per updated record (`{"image_id": ..., "caption": ...}`)
 to its own file and fsyncs after every batch; no process ever writes another's file, so
-no locks or collectives are needed during long work. The main process merges all journals
-into the manifest at checkpoints; a crash loses at most the batch in flight, and a restart
-merges whatever the journals hold before doing anything else. Merging is idempotent.
+no locks or collectives are needed during long work. Between passes the ranks read the
+manifest with the journals overlaid in memory (`read_current`); the main process merges them
+into the file at checkpoints (`fold_due`, the end of the run, `--checkpoint-minutes`). A crash
+loses at most the batch in flight, and a restart merges whatever the journals hold before
+doing anything else. Merging is idempotent.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
+
+UNSET = "unset"  # an update key listing fields to remove (a lifted `filtered` flag); prep journals no field of that name
 
 
 def journal_dir(manifest_path: str | Path) -> Path:
@@ -72,8 +76,23 @@ def read_updates(manifest_path: str | Path) -> dict[str, dict]:
                     continue
                 image_id = update.pop("image_id", None) if isinstance(update, dict) else None
                 if isinstance(image_id, str):
-                    merged.setdefault(image_id, {}).update(update)
+                    merge_update(merged.setdefault(image_id, {}), update)
     return merged
+
+
+def merge_update(into: dict, update: dict) -> None:
+    """`update` after `into`, as one update: a later value wins, a removal (`UNSET`) cancels
+    earlier values of its fields and a later value cancels an earlier removal."""
+    for key, value in update.items():
+        if key == UNSET:
+            names = [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+            for name in names:
+                into.pop(name, None)
+            into[UNSET] = [*(n for n in into.get(UNSET, []) if n not in names), *names]
+            continue
+        if key in into.get(UNSET, ()):
+            into[UNSET] = [name for name in into[UNSET] if name != key]
+        into[key] = value
 
 
 def clear(manifest_path: str | Path) -> None:
@@ -96,6 +115,12 @@ def apply_update(record: dict, update: dict) -> bool:
     """
     changed = False
     for key, value in update.items():
+        if key == UNSET:
+            for name in value if isinstance(value, list) else ():
+                if isinstance(name, str) and name in record:
+                    del record[name]
+                    changed = True
+            continue
         target, name = record, key
         if key.startswith("provenance."):
             parts = key.split(".", 2)
@@ -112,24 +137,13 @@ def apply_update(record: dict, update: dict) -> bool:
     return changed
 
 
-def merge_into_manifest(manifest_path: str | Path, manifest=None):
-    """Checkpoint: fold the journals into the manifest (one streaming rewrite); returns the
-    manifest as it now is (the same object when nothing changed).
-
-    Untouched lines are copied as bytes; only records with updates are parsed and written
-    again. The journals are kept: other ranks may still be appending. They are cleared only
-    once every rank is done (`clear`).
-    """
+def pending_changes(manifest, updates: dict[str, dict]) -> dict[int, dict]:
+    """The records (row -> record) the journaled `updates` change."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from prep.manifest import read_manifest, rewrite
-
-    if manifest is None:
-        manifest = read_manifest(manifest_path)
-    updates = read_updates(manifest_path)
-    if not updates:
-        return manifest
+    if not updates or not len(manifest):
+        return {}
     ids = list(updates)
     rows = pc.index_in(pa.array(ids, pa.string()), value_set=manifest.table.column("image_id").cast(pa.string()))
     changed = {}
@@ -139,6 +153,57 @@ def merge_into_manifest(manifest_path: str | Path, manifest=None):
         record = manifest.record(row)
         if apply_update(record, updates[image_id]):
             changed[row] = record
-    if not changed:
+    return changed
+
+
+def read_current(manifest_path: str | Path):
+    """The manifest as the run now has it: the file with the journals' updates overlaid in memory
+    (`Manifest.overlaid`), the view of every pass after the first. Cheap while the journals are
+    small; `fold_due` says when they are not."""
+    from prep.manifest import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    return manifest.overlaid(pending_changes(manifest, read_updates(manifest_path)))
+
+
+FOLD_SHARE = 1 / 32  # journals this large (against the manifest, in bytes) are folded between passes
+
+
+def journal_bytes(manifest_path: str | Path) -> int:
+    directory = journal_dir(manifest_path)
+    if not directory.is_dir():
+        return 0
+    return sum(path.stat().st_size for path in directory.glob("rank-*.jsonl"))
+
+
+def fold_due(manifest_path: str | Path) -> bool:
+    """Whether to fold the journals now rather than at the end of the run: once they hold a
+    sizeable share of the manifest, every rank re-reading them before each pass would cost more
+    than one rewrite (whose cost, the whole file, the work done then pays for). Small journals
+    (200 new images in a million records) wait for the run's one final fold."""
+    from prep.manifest import resolve_manifest_path
+
+    held = journal_bytes(manifest_path)
+    if not held:
+        return False
+    target = resolve_manifest_path(manifest_path)
+    size = target.stat().st_size if target.exists() else 0
+    return held >= size * FOLD_SHARE
+
+
+def merge_into_manifest(manifest_path: str | Path, manifest=None):
+    """Checkpoint: fold the journals into the manifest (one streaming rewrite); returns the
+    manifest as it now is (the same object when nothing changed).
+
+    Untouched lines are copied as bytes; only records with updates are parsed and written
+    again. The journals are kept: other ranks may still be appending. They are cleared only
+    once every rank is done (`clear`).
+    """
+    from prep.manifest import read_manifest, rewrite
+
+    if manifest is None:
+        manifest = read_manifest(manifest_path)
+    changed = pending_changes(manifest, read_updates(manifest_path))
+    if not changed and not manifest.overlay:
         return manifest
     return rewrite(manifest, changed)

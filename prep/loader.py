@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prep.fsio import before_fork, worker_init
 from prep.preprocess import ImageDecodeError, ImageSource
-from prep.provenance import bytes_sha256
+from prep.provenance import bytes_sha256, unchanged_fingerprint
 from prep.sources import SourceError, image_fingerprint, is_uri, read_image_bytes
 from prep.stages.base import ImageInput
 
@@ -98,14 +98,8 @@ def read_source(locator: str, previous: dict | None) -> tuple[ImageSource, dict 
 
 def fingerprint_of(data: bytes, stat: os.stat_result, previous: dict | None) -> dict:
     """The file's fingerprint from the bytes read; the previous one when size and mtime are unchanged."""
-    if (
-        isinstance(previous, dict)
-        and previous.get("size") == stat.st_size
-        and previous.get("mtime_ns") == stat.st_mtime_ns
-        and previous.get("sha256")
-    ):
-        return previous
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": bytes_sha256(data)}
+    return unchanged_fingerprint(previous, stat) or {
+        "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": bytes_sha256(data)}
 
 
 def keep_items(items: list[Item]) -> list[Item]:

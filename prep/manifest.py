@@ -231,6 +231,11 @@ BASE_COLUMNS: list[tuple[str, pa.DataType, object]] = [
 DICTIONARY_COLUMNS = ("aspect_bucket", "filtered")
 
 
+def is_dictionary_column(name: str) -> bool:
+    """Columns of few distinct values (buckets, flags, stamp configurations), kept dictionary-encoded."""
+    return name in DICTIONARY_COLUMNS or name.endswith(("__config", "__origin", "__bucket", "__source"))
+
+
 def _mask_ok(mask) -> bool:
     """`records.is_valid_mask`, at C speed: 77 ints (no bools), each 0 or 1."""
     return (
@@ -285,9 +290,13 @@ class _Projector:
             self._flush()
 
     def _flush(self) -> None:
+        """One chunk to Arrow; its repetitive string columns dictionary-encoded right away, so a
+        million records never hold their stamps' configurations as plain strings."""
         if not self.values[0]:
             return
         arrays = [pa.array(values, type=kind) for kind, values in zip(self.types, self.values, strict=True)]
+        arrays = [array.dictionary_encode() if is_dictionary_column(name) else array
+                  for name, array in zip(self.names, arrays, strict=True)]
         self.batches.append(pa.RecordBatch.from_arrays(arrays, names=self.names))
         for values in self.values:
             values.clear()
@@ -295,7 +304,7 @@ class _Projector:
     def table(self) -> pa.Table:
         self._flush()
         schema = pa.schema(list(zip(self.names, self.types, strict=True)))
-        table = pa.Table.from_batches(self.batches, schema=schema) if self.batches else schema.empty_table()
+        table = pa.Table.from_batches(self.batches) if self.batches else schema.empty_table()
         self.batches = []
         return _redictionary(table)
 
@@ -324,6 +333,7 @@ class Manifest:
     _data: ManifestFile | None = None  # the file (the same inode) the table's offsets point into
     _spans: np.ndarray | None = None
     cache_path: Path | None = None  # the Arrow file behind `table` when it is memory-mapped
+    overlay: dict[int, dict] = field(default_factory=dict)  # row -> record not yet in the file (`overlaid`)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -338,11 +348,16 @@ class Manifest:
         return self._spans
 
     def raw(self, row: int) -> bytes:
+        if row in self.overlay:
+            return orjson.dumps(self.overlay[row]) + b"\n"
         offset, length = self.spans[row]
         return self._data.read_at(int(offset), int(length))
 
     def record(self, row: int) -> dict:
-        """The full record at `row` (its position among the valid records), parsed from the file."""
+        """The full record at `row` (its position among the valid records), parsed from the file
+        (or a fresh copy of its overlay record): the caller may change it."""
+        if row in self.overlay:
+            return orjson.loads(orjson.dumps(self.overlay[row]))
         return orjson.loads(self.raw(row).rstrip(b"\r\n").removeprefix(_BOM))
 
     def __iter__(self) -> Iterator[dict]:
@@ -370,6 +385,19 @@ class Manifest:
         if self.path.exists() and len(self):
             self._data = ManifestFile(self.path)
 
+    def overlaid(self, changed: dict[int, dict]) -> Manifest:
+        """This manifest with `changed` rows (row -> record) in place of the file's, in memory only:
+        the view between passes, when the journals are durable and a rewrite of the whole file
+        would cost more than the pass. The next `rewrite` writes them. Its projection keeps the
+        untouched chunks of this one (memory-mapped: the ranks of a node still share them). Takes
+        over the open file (this object is spent)."""
+        if not changed:
+            return self
+        table = _spliced_table(self, np.arange(len(self)), changed, [], None, None, combine=False)
+        data, self._data = self._data, None
+        return Manifest(path=self.path, table=table, rejected=self.rejected, _data=data,
+                        overlay={**self.overlay, **changed})
+
     def close(self) -> None:
         data, self._data = self._data, None
         if data is not None:
@@ -392,6 +420,19 @@ class Manifest:
 def resolve_manifest_path(path: str | Path) -> Path:
     """The file a manifest path really names (a symlink is followed, so its target is rewritten)."""
     return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def lock_manifest(path: str | Path, why: str | None = None, error: type[Exception] | None = None):
+    """Take `<manifest>.lock` at the manifest's real path: one writer per manifest (a symlink
+    reaches the same lock). A held lock raises `error` (UserError) naming the manifest and `why`."""
+    from prep.errors import UserError
+    from prep.fsio import LockedError, acquire_lock
+
+    target = resolve_manifest_path(path)
+    try:
+        return acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
+    except LockedError as exc:
+        raise (error or UserError)(f"{exc}: {why}" if why else str(exc)) from None
 
 
 def cache_file(path: Path) -> Path:
@@ -672,9 +713,10 @@ def rewrite(
 
     Atomic (temp + fsync + rename). The rejected lines are saved to the side file first. The
     returned manifest reads the new file; its projection is the old one with only the changed
-    and appended rows projected again, and is written to the cache.
+    and appended rows projected again, and is written to the cache. Rows of the manifest's
+    overlay are written as changed rows.
     """
-    changed = changed or {}
+    changed = {**manifest.overlay, **(changed or {})}
     drop_set = {int(r) for r in drop}
     path = manifest.path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -735,10 +777,11 @@ def _write_run(f, data: ManifestFile, start: int, end: int) -> None:
 
 def _spliced_table(
     manifest: Manifest, kept_rows: np.ndarray, changed: dict[int, dict], appended: list[dict],
-    offsets: np.ndarray, lengths: np.ndarray,
+    offsets: np.ndarray | None, lengths: np.ndarray | None, *, combine: bool = True,
 ) -> pa.Table:
     """The new projection: the old one with the changed rows projected again, dropped rows left
-    out and appended ones added; offsets and lengths of the new file."""
+    out and appended ones added; offsets and lengths of the new file (None: kept as they are).
+    `combine=False` leaves it in chunks, the untouched ones still the old (memory-mapped) buffers."""
     old = manifest.table
     kept = kept_rows.astype(np.int64)
     changed_rows = np.asarray(sorted(changed), dtype=np.int64)
@@ -746,9 +789,10 @@ def _spliced_table(
     table = _splice_in_place(old, kept, changed_rows, changed, appended)
     if table is None:  # a new column or type: the general (slower) way
         table = _splice_by_take(old, kept, changed_rows, changed, appended)
-    table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
-    table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
-    return _redictionary(table)
+    if offsets is not None:
+        table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
+        table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
+    return _redictionary(table, combine=combine)
 
 
 MAX_SLICES = 4096  # changed rows spliced as slices; more, and one take is cheaper
@@ -836,12 +880,13 @@ def _unify(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, names=table.column_names)
 
 
-def _redictionary(table: pa.Table) -> pa.Table:
+def _redictionary(table: pa.Table, *, combine: bool = True) -> pa.Table:
+    """The repetitive columns dictionary-encoded (`is_dictionary_column`); in one chunk unless not `combine`."""
     columns = []
     for name, column in zip(table.column_names, table.columns, strict=True):
-        wanted = name in DICTIONARY_COLUMNS or name.endswith(("__config", "__origin", "__bucket", "__source"))
-        if wanted and not pa.types.is_dictionary(column.type):
+        if is_dictionary_column(name) and not pa.types.is_dictionary(column.type):
             column = column.combine_chunks().dictionary_encode() if column.num_chunks else pa.chunked_array(
                 [], pa.dictionary(pa.int32(), column.type))
         columns.append(column)
-    return pa.Table.from_arrays(columns, names=table.column_names).combine_chunks()
+    table = pa.Table.from_arrays(columns, names=table.column_names)
+    return table.combine_chunks() if combine else table

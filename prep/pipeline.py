@@ -11,8 +11,11 @@ Shape of a run (every rank runs this; `accelerate launch` starts the ranks):
    ranks == rank: balanced, and no two ranks touch one record), decides each stage's work
    with a `Dataset.filter` (`prep.needs`), loads the models that fit together
    (`prep.residency`) and encodes and writes (`prep.passes`). Record updates go to per-rank
-   journals; the main rank folds them into the manifest after each pass (and every
-   `--checkpoint-minutes` during one) with a streaming rewrite.
+   journals (durable after every batch). The next pass reads the manifest with the journals
+   overlaid in memory (`journal.read_current`); the main rank folds them into the file with a
+   streaming rewrite once at the end of the run, and sooner when they grow large
+   (`journal.fold_due`) or every `--checkpoint-minutes` during a pass. A rewrite costs the
+   whole file, so a run that adds 200 images to a million records pays for it once.
 4. Right after the DINOv3 pass the main rank judges near duplicates (`prep.curate`), so the
    VAE and T5 passes skip the records it flags; the other ranks wait at a barrier.
 
@@ -35,7 +38,7 @@ from prep import journal, provenance, stages, store
 from prep.curate import AFTER_STAGE
 from prep.errors import UserError
 from prep.fsio import LockedError, acquire_lock, release_lock, sweep_temp_files
-from prep.manifest import cache_file, read_manifest, resolve_manifest_path
+from prep.manifest import cache_file, lock_manifest, read_manifest, resolve_manifest_path
 from prep.models import ResolvedModel, resolve_model
 from prep.needs import Yardstick, plan_stage, read_redo
 from prep.options import RunOptions
@@ -164,10 +167,7 @@ def take_locks(opts: RunOptions) -> Locks:
     target = resolve_manifest_path(opts.manifest)
     target.parent.mkdir(parents=True, exist_ok=True)
     opts.derived_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest_lock = acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {opts.manifest}")
-    except LockedError as exc:
-        raise RunError(str(exc)) from None
+    manifest_lock = lock_manifest(opts.manifest, error=RunError)
     try:
         derived_lock = acquire_lock(opts.derived_dir / store.LOCK_FILE, f"the derived dir {opts.derived_dir}")
     except LockedError as exc:
@@ -333,16 +333,12 @@ def plan_on_rank(stage, dataset, opts: RunOptions, models: dict, device: str, jo
     return StagePlan(stage, model, todo, work.stale, yard.expected.get(stage.name))
 
 
-def run_stage(stage, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> PassStats:
-    """One stage on every rank (see `run_stages`)."""
-    return run_stages([stage], opts, state, models, tally)[0]
-
-
 def run_stages(group: list, opts: RunOptions, state, models: dict[str, ResolvedModel], tally: Tally) -> list[PassStats]:
     """A group of stages on every rank: filter each one's stride -> load the models that fit
-    together -> one pass per resident group -> unload -> fold the journals (main rank)."""
+    together -> one pass per resident group -> unload -> fold the journals when they have grown
+    large (main rank; else they stay overlaid until the run's final fold, `fold_journals`)."""
     device = device_for(opts, state)
-    manifest = read_manifest(opts.manifest)
+    manifest = journal.read_current(opts.manifest)
     dataset = manifest.to_dataset()
     if state.num_processes > 1:
         dataset = dataset.shard(state.num_processes, state.process_index, contiguous=False)
@@ -363,10 +359,17 @@ def run_stages(group: list, opts: RunOptions, state, models: dict[str, ResolvedM
             finished = plan.stage.finish(opts=opts, model=plan.model, device=device, config=plan.expected)
             if finished:
                 store.update_metadata(opts.derived_dir, finished)
-        journal.merge_into_manifest(opts.manifest)
-        journal.clear(opts.manifest)
+        if journal.fold_due(opts.manifest):
+            fold_journals(opts)
     state.wait_for_everyone()
     return stats or [PassStats("+".join(stage.name for stage in group))]
+
+
+def fold_journals(opts: RunOptions) -> None:
+    """Main rank, every rank done writing: the journals into the manifest (one streaming
+    rewrite, when anything changed), then cleared."""
+    journal.merge_into_manifest(opts.manifest)
+    journal.clear(opts.manifest)
 
 
 def resident(plans: list[StagePlan], opts: RunOptions, device: str) -> list[list[StagePlan]]:
@@ -618,6 +621,8 @@ def run_job(opts: RunOptions) -> RunSummary:
             passes.extend(run_stages(group, opts, state, models, tally))
             if any(stage.name == AFTER_STAGE for stage in group):
                 judge_near_duplicates(opts, state)
+        if state.is_main_process:
+            fold_journals(opts)
         merged = gather_tallies(state, tally)
         code, counts = 0, {}
         if state.is_main_process:

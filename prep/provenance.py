@@ -73,6 +73,12 @@ def refresh_file_fingerprint(path: str | Path, previous: dict | None) -> dict | 
         stat = os.stat(path)
     except (OSError, ValueError):
         return None
+    return unchanged_fingerprint(previous, stat) or {
+        "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def unchanged_fingerprint(previous: dict | None, stat: os.stat_result) -> dict | None:
+    """`previous` while the file's size and mtime still match it (no need to hash again), else None."""
     if (
         isinstance(previous, dict)
         and previous.get("size") == stat.st_size
@@ -80,7 +86,7 @@ def refresh_file_fingerprint(path: str | Path, previous: dict | None) -> dict | 
         and previous.get("sha256")
     ):
         return previous
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
+    return None
 
 
 # ------------------------------------------------------------------------------ file stamps

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from prep.errors import UserError
 from prep.fsio import atomic_open, release_lock, sweep_temp_files
-from prep.manifest import read_manifest, resolve_manifest_path, rewrite
+from prep.manifest import lock_manifest, read_manifest, resolve_manifest_path, rewrite
 
 SUFFIX = ".pruned.jsonl"
 
@@ -72,14 +72,12 @@ def write_side(side: Path, lines: list[bytes]) -> int:
 
 def prune(manifest_path: str | Path, reasons: Iterable[str] | None = None, *, dry_run: bool = False) -> PruneResult:
     """Move the records flagged for `reasons` (default: any) to `<manifest>.pruned.jsonl`."""
-    from prep.curate import _lock
-
     path = Path(manifest_path)
     if not path.exists() or not resolve_manifest_path(path).is_file():
         raise UserError(f"manifest {path} does not exist or is not a file (pass --manifest)")
     wanted = {r.strip() for item in (reasons or ()) for r in str(item).split(",") if r.strip()} or None
     result = PruneResult(side=pruned_path(path), dry_run=dry_run)
-    lock = None if dry_run else _lock(path)
+    lock = None if dry_run else lock_manifest(path, "prune rewrites the manifest; wait for the other job (or use --dry-run)")
     try:
         if not dry_run:  # under the lock no one else writes these: temp files of a killed prune or run
             target = resolve_manifest_path(path)

@@ -879,32 +879,25 @@ def build_report(
                                        vae_model=vae_model, vae_subfolder=vae_subfolder, device=device,
                                        dtype=dtype, progress=progress)
     sheets = render_sheets(entries, out, stats.max_upscale)
-    strip = out / "filtered_strip.png"
-    strip.unlink(missing_ok=True)
-    if flagged_entries:
-        render_filtered_strip(flagged_entries, strip)
+    strip = render_strip(flagged_entries, out)
     charts = report_html.render_charts(stats, out, figure_classes)
     html_path = out / "index.html"
-    atomic_write_text(
-        html_path,
-        report_html.render_page(
-            manifest_path=manifest_path,
-            derived_dir=base,
-            stats=stats,
-            metadata=metadata,
-            entries=entries,
-            sheets=sheets,
-            charts=charts,
-            notes=notes,
-            samples=samples,
-            seed=seed,
-            decoded=decoded,
-            filtered=flagged_entries,
-            strip=strip if flagged_entries else None,
-        ),
-    )
+    page = report_html.render_page(manifest_path=manifest_path, derived_dir=base, stats=stats, metadata=metadata,
+                                   entries=entries, sheets=sheets, charts=charts, notes=notes, samples=samples,
+                                   seed=seed, decoded=decoded, filtered=flagged_entries, strip=strip)
+    atomic_write_text(html_path, page)
     return ReportResult(out, html_path, stats, entries, sheets, [c.path for c in charts], notes, metadata,
                         flagged_entries)
+
+
+def render_strip(flagged_entries: list, out: Path) -> Path | None:
+    """The strip of filtered examples, or None (a stale strip from an earlier report is removed)."""
+    strip = out / "filtered_strip.png"
+    strip.unlink(missing_ok=True)
+    if not flagged_entries:
+        return None
+    render_filtered_strip(flagged_entries, strip)
+    return strip
 
 
 def check_report_inputs(manifest_path: Path, base: Path) -> None:

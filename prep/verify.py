@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prep import provenance, stages
 from prep.errors import UserError
-from prep.manifest import read_manifest, resolve_manifest_path, rewrite
+from prep.manifest import lock_manifest, read_manifest, resolve_manifest_path, rewrite
 from prep.parallel import bounded_map
 from prep.records import validate_record
 from prep.store import MISSING, VALID, artifact_path, check_artifact, read_metadata
@@ -111,7 +111,7 @@ def verify_manifest(
         raise UserError(f"manifest {path} is not a file")
     if expected is None:
         expected = provenance.expected_from_metadata(read_metadata(base))
-    lock = _lock(path) if adopt_with is not None else None
+    lock = lock_manifest(path, "--adopt rewrites the manifest; wait for the other job") if adopt_with is not None else None
     try:
         return _verify(path, Path(base), workers, expected, adopt_with, write_redo_list, progress)
     finally:
@@ -119,16 +119,6 @@ def verify_manifest(
             from prep.fsio import release_lock
 
             release_lock(lock)
-
-
-def _lock(path: Path):
-    from prep.fsio import LockedError, acquire_lock
-
-    target = resolve_manifest_path(path)
-    try:
-        return acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
-    except LockedError as exc:
-        raise UserError(f"{exc}: --adopt rewrites the manifest; wait for the other job") from None
 
 
 def _verify(path, base, workers, expected, adopt_with, write_redo_list, progress) -> VerifyReport:

@@ -118,10 +118,9 @@ if _SPEC or _LOG:
             os.killpg(os.getpgid(0), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    @contextlib.contextmanager
-    def atomic_open(path, mode="wb"):
+    def _hit(path):
+        """Log the write; True when it is the one to kill at (the N-th of the target kind on the target rank)."""
         kind = _kind(path)
-        hit = False
         with _lock:
             if _LOG:
                 with open(_LOG, "a") as log:
@@ -130,7 +129,12 @@ if _SPEC or _LOG:
                 "RANK", "0"
             ):
                 _count[0] += 1
-                hit = _count[0] == _n
+                return _count[0] == _n
+        return False
+
+    @contextlib.contextmanager
+    def atomic_open(path, mode="wb"):
+        hit = _hit(path)
         with _orig(path, mode) as f:
             yield f
             if hit and _stage == "pre":
@@ -146,19 +150,6 @@ if _SPEC or _LOG:
     from prep import store as _store
 
     _write_temp, _publish = _store.write_temp, _store.publish
-
-    def _hit(path):
-        kind = _kind(path)
-        with _lock:
-            if _LOG:
-                with open(_LOG, "a") as log:
-                    log.write(f"{os.getpid()} {os.environ.get('RANK', '0')} {kind} {os.path.basename(str(path))}\n")
-            if kind == _target and os.environ.get("PREP_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get(
-                "RANK", "0"
-            ):
-                _count[0] += 1
-                return _count[0] == _n
-        return False
 
     def write_temp(path, data):
         hit = _hit(path)
