@@ -508,7 +508,7 @@ def near_flags_incremental(columns: Columns, pool: np.ndarray, effective: list, 
     ids = [columns.ids[i] for i in new]
     matrix, ok = load_embeddings(derived_dir, ids, workers=workers)
     corpus_ids = [i for i, a in zip(cache.ids, alive.tolist(), strict=True) if a]
-    best, score = nearcache.best_matches(matrix, cache.chunks(alive))  # a chunk in memory at a time
+    best, score = nearcache.best_matches(matrix, cache.chunks(alive), threshold=rules.near_duplicate)  # a chunk at a time
     flags, accepted = {}, []
     for local in dedup.priority_order(ids, columns.pixels[new]).tolist():
         if not ok[local]:

@@ -171,6 +171,11 @@ def acquire_lock(path: str | Path, what: str):
     return lock
 
 
+def held_lock_paths() -> list[str]:
+    """The lock files this process holds."""
+    return [str(lock.lock_file) for lock in _HELD_LOCKS]
+
+
 def release_lock(lock) -> None:
     with contextlib.suppress(ValueError):
         _HELD_LOCKS.remove(lock)

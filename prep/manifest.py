@@ -37,7 +37,9 @@ import orjson
 import pyarrow as pa
 
 from prep.config import T5_MAX_LENGTH
+from prep.errors import UserError
 from prep.fsio import atomic_open
+from prep.inplace import roll_back, settle, undo_path
 from prep.records import has_caption, is_safe_id, needs_migration
 
 logger = logging.getLogger(__name__)
@@ -358,7 +360,14 @@ class Manifest:
         (or a fresh copy of its overlay record): the caller may change it."""
         if row in self.overlay:
             return orjson.loads(orjson.dumps(self.overlay[row]))
-        return orjson.loads(self.raw(row).rstrip(b"\r\n").removeprefix(_BOM))
+        try:
+            record = orjson.loads(self.raw(row).rstrip(b"\r\n").removeprefix(_BOM))
+        except orjson.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or record.get("image_id") != self.table.column("image_id")[row].as_py():
+            raise UserError(f"the manifest {self.path} changed while this command read it (another prep job "
+                            "rewrote its end): run the command again")
+        return record
 
     def __iter__(self) -> Iterator[dict]:
         for row in range(len(self)):
@@ -424,15 +433,18 @@ def resolve_manifest_path(path: str | Path) -> Path:
 
 def lock_manifest(path: str | Path, why: str | None = None, error: type[Exception] | None = None):
     """Take `<manifest>.lock` at the manifest's real path: one writer per manifest (a symlink
-    reaches the same lock). A held lock raises `error` (UserError) naming the manifest and `why`."""
-    from prep.errors import UserError
+    reaches the same lock). A held lock raises `error` (UserError) naming the manifest and `why`.
+    An in-place change a killed writer left half done is undone first (`prep.inplace`)."""
     from prep.fsio import LockedError, acquire_lock
 
     target = resolve_manifest_path(path)
     try:
-        return acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
+        lock = acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
     except LockedError as exc:
         raise (error or UserError)(f"{exc}: {why}" if why else str(exc)) from None
+    if roll_back(target):
+        logger.info("put back the end of %s that an interrupted run was rewriting", target)
+    return lock
 
 
 def cache_file(path: Path) -> Path:
@@ -520,21 +532,42 @@ def read_manifest(path: str | Path, *, use_cache: bool = True) -> Manifest:
         return Manifest(path=path)
     if path.is_dir():
         raise IsADirectoryError(f"manifest {path} is a directory")
-    stat = os.stat(path)
+    for _ in range(READ_TRIES):
+        settle(path)
+        stat = os.stat(path)
+        manifest = _read_version(path, stat, use_cache)
+        if _still(manifest._data, stat) and not undo_path(path).exists():
+            _warn_rejected(manifest.rejected)
+            return manifest
+        manifest.close()  # its end was rewritten in place while being read (`prep.inplace`): again
+    raise UserError(f"the manifest {path} kept changing while being read: try again when the job writing it is done")
+
+
+READ_TRIES = 20
+
+
+def _read_version(path: Path, stat: os.stat_result, use_cache: bool) -> Manifest:
+    """The manifest as the file is at `stat`: from the projection cache when its key matches."""
     key = _cache_key(path, stat)
     data = ManifestFile(path)
     if use_cache:
         cached = _load_cache(path, key)
         if cached is not None:
             table, rejected = cached
-            manifest = Manifest(path=path, table=table, rejected=rejected, _data=data, cache_path=cache_file(path))
-            _warn_rejected(manifest.rejected)
-            return manifest
+            return Manifest(path=path, table=table, rejected=rejected, _data=data, cache_path=cache_file(path))
     manifest = _parse(path, data)
-    if use_cache:
+    if use_cache and _still(data, stat):  # never a cache of a version torn by an in-place change
         manifest.cache_path = _save_cache(path, manifest, key)
-    _warn_rejected(manifest.rejected)
     return manifest
+
+
+def _still(data: ManifestFile | None, stat: os.stat_result) -> bool:
+    """Whether the open file is still the version `stat` saw (same inode, size and mtime). A whole
+    rewrite replaces the name, not this inode (what was read stays whole); an in-place one changes it."""
+    if data is None:
+        return True
+    now = os.fstat(data.file.fileno())
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _warn_rejected(rejected: list[RejectedLine]) -> None:
@@ -720,6 +753,10 @@ def rewrite(
     drop_set = {int(r) for r in drop}
     path = manifest.path
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not drop_set:
+        tail = _tail_in_place(manifest, changed, appended)
+        if tail is not None:
+            return tail
     save_rejected(path, manifest.rejected)
     spans = manifest.spans
     n = len(manifest)
@@ -739,6 +776,42 @@ def rewrite(
     new_lengths = np.concatenate([lengths[kept_rows], np.asarray([len(x) for x in appended_lines], dtype=np.int64)])
     new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64)
     table = _spliced_table(manifest, kept_rows, changed, appended, new_offsets, new_lengths)
+    result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
+    result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
+    manifest.close()
+    return result
+
+
+def _tail_in_place(manifest: Manifest, changed: dict[int, dict], appended: list[dict]) -> Manifest | None:
+    """`rewrite` of a manifest whose changes are all in its last lines (new records appended,
+    then changed by the passes): only the tail is written, in place (`prep.inplace`). None when
+    the rewrite must be whole: a tail over `TAIL_SHARE` of the file, rejected lines to move out,
+    or a file that is not the one read."""
+    from prep.inplace import TAIL_SHARE, rewrite_tail
+
+    n, data = len(manifest), manifest._data
+    if manifest.rejected or data is None or not n or not (changed or appended):
+        return None
+    first = min(changed) if changed else n
+    spans = manifest.spans
+    start = int(spans[first, 0]) if first < n else int(spans[-1].sum())
+    size = os.fstat(data.file.fileno()).st_size
+    try:
+        same_file = os.path.samestat(os.fstat(data.file.fileno()), os.stat(manifest.path))
+    except OSError:
+        return None
+    contiguous = first >= n or bool((spans[first + 1:, 0] == spans[first:-1].sum(axis=1)).all())
+    if (not same_file or int(spans[-1].sum()) != size or not contiguous or size - start > size * TAIL_SHARE
+            or data.read_at(size - 1, 1) != b"\n"):
+        return None
+    lines = [orjson.dumps(changed[row]) + b"\n" if row in changed else data.read_at(*map(int, spans[row]))
+             for row in range(first, n)]
+    lines += [orjson.dumps(record) + b"\n" for record in appended]
+    rewrite_tail(manifest.path, start, data.read_at(start, size - start), b"".join(lines))
+    lengths = np.concatenate([spans[:first, 1], np.asarray([len(line) for line in lines], dtype=np.int64)])
+    offsets = np.concatenate([spans[:first, 0], start + np.concatenate([[0], np.cumsum(lengths[first:])[:-1]])])
+    table = _spliced_table(manifest, np.arange(n), changed, appended, offsets.astype(np.int64), lengths)
+    path = manifest.path
     result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
     result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
     manifest.close()

@@ -554,6 +554,34 @@ def test_planted_near_duplicates_are_found_in_random_embeddings() -> None:
         "20,000 embeddings: near-duplicate search").note
 
 
+@pytest.mark.parametrize("screen", ["bfloat16", "float32"])
+def test_screened_best_matches_equal_the_exact_ones_at_the_threshold(monkeypatch, screen: str) -> None:
+    """`best_matches(threshold=...)` screens in bf16 and confirms in float32: every query whose exact
+    best match reaches the threshold gets that match (the first row, on a tie, across chunks too) and
+    its float32 similarity; the others none. Planted pairs sit just above and just below it."""
+    from prep import nearcache
+
+    monkeypatch.setattr(dedup, "screen_dtype", lambda device: screen)
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((5000, 256)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    corpus = corpus.astype(np.float16)
+    corpus[4100] = corpus[17]  # a tie across chunks: the first row wins
+    queries = rng.standard_normal((60, 256)).astype(np.float32)
+    for q, (row, cos) in enumerate([(17, 0.999), (900, 0.9905), (901, 0.9895), (4999, 0.9915), (2500, 0.95)]):
+        target = corpus[row].astype(np.float32)
+        noise = queries[q] - (queries[q] @ target) * target
+        queries[q] = cos * target + np.sqrt(1 - cos**2) * noise / np.linalg.norm(noise)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact_best, exact_score = nearcache.best_matches(queries, corpus, chunk=1024)
+    best, score = nearcache.best_matches(queries, corpus, chunk=1024, threshold=0.99)
+    wanted = exact_score >= 0.99
+    assert wanted[[0, 1, 3]].all() and wanted.sum() == 3 and exact_best[0] == 17  # 0.999, 0.9905, 0.9915
+    assert (best[wanted] == exact_best[wanted]).all()
+    np.testing.assert_allclose(score[wanted], exact_score[wanted], rtol=0, atol=1e-6)
+    assert (best[~wanted] == -1).all() and np.isneginf(score[~wanted]).all()
+
+
 def test_a_run_judges_only_new_images_against_the_cached_kept_embeddings(tmp_path: Path, monkeypatch) -> None:
     """Adding images to a big dataset compares them with the kept images' cached embeddings, reading
     no other side file; decisions made before stand (a new larger copy is flagged, not the old one)."""

@@ -16,7 +16,9 @@ Each trial starts from an empty work dir and is killed once, by one of these sce
 - `event:<target>-<stage>`: an injected `prep.fsio.atomic_open` wrapper kills the job at the
   N-th (seeded, uniform over the reference's count) atomic write of a manifest, a .npy or a
   shard, either with the complete temp file on disk and not renamed (`pre`) or just after the
-  rename (`post`, e.g. a shard renamed but its done-sidecar not written yet).
+  rename (`post`, e.g. a shard renamed but its done-sidecar not written yet). A manifest changed
+  in place (`prep.inplace`) counts its undo file: `pre` kills before the change starts, `post`
+  halfway through the write of the new tail.
 
 With `--procs 2` the job runs under `accelerate launch --multi_gpu --num_processes 2` and the
 victim is, in turn, the whole process group, rank 0, rank 1 or the launcher alone.
@@ -98,7 +100,8 @@ if _SPEC or _LOG:
             return "npy"
         if name.endswith(".tar"):
             return "shard"
-        if name == os.environ.get("PREP_FAULT_MANIFEST", "manifest.jsonl"):
+        manifest = os.environ.get("PREP_FAULT_MANIFEST", "manifest.jsonl")
+        if name in (manifest, manifest + ".undo"):  # a whole rewrite, or the undo file of an in-place one
             return "manifest"
         return "other"
 
@@ -141,9 +144,29 @@ if _SPEC or _LOG:
                 f.flush()
                 _die()
         if hit and _stage == "post":
-            _die()
+            if str(path).endswith(".undo"):
+                _torn[0] = True  # die halfway through the in-place write of the manifest's tail
+            else:
+                _die()
 
+    _torn = [False]
     _fsio.atomic_open = atomic_open
+
+    from prep import inplace as _inplace  # after the patch: it binds atomic_open by name
+
+    _write_at = _inplace._write_at
+
+    def write_at(path, start, data):
+        if _torn[0]:
+            with open(path, "r+b") as f:
+                f.seek(start)
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            _die()
+        _write_at(path, start, data)
+
+    _inplace._write_at = write_at
 
     # Side files of the passes: written to a temp file (write_temp), stamped in the journal,
     # then renamed into place (publish). "pre" kills with the temp on disk, "post" after the rename.
