@@ -260,6 +260,9 @@ def _best_screened(queries: np.ndarray, rows: np.ndarray, screen, start: int, th
     query_rows, corpus_rows = (index.numpy() for index in torch.nonzero(hits, as_tuple=True))
     if not len(query_rows):
         return
+    if len(query_rows) > len(rows):  # many copies of one picture: the whole chunk costs less, and memory stays one chunk
+        _best_exact(queries, np.ascontiguousarray(rows, dtype=np.float32), start, best, score)
+        return
     sims = np.einsum("ij,ij->i", queries[query_rows], rows[corpus_rows].astype(np.float32))
     sure = sims >= threshold
     query_rows, corpus_rows, sims = query_rows[sure], corpus_rows[sure], sims[sure]

@@ -580,6 +580,14 @@ def test_screened_best_matches_equal_the_exact_ones_at_the_threshold(monkeypatch
     assert (best[wanted] == exact_best[wanted]).all()
     np.testing.assert_allclose(score[wanted], exact_score[wanted], rtol=0, atol=1e-6)
     assert (best[~wanted] == -1).all() and np.isneginf(score[~wanted]).all()
+    many = np.concatenate([np.repeat(corpus[17:18], 3000, axis=0), corpus])
+    three = np.repeat(queries[:1], 3, axis=0)  # 3 x 1024 candidates in a chunk of 1024 rows: the chunk is done exactly
+    exact_best, exact_score = nearcache.best_matches(three, many, chunk=1024)
+    whole_chunks, best_exact = [], nearcache._best_exact
+    monkeypatch.setattr(nearcache, "_best_exact", lambda *args: (whole_chunks.append(1), best_exact(*args))[1])
+    best, score = nearcache.best_matches(three, many, chunk=1024, threshold=0.99)
+    assert whole_chunks and best.tolist() == exact_best.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(score, exact_score, rtol=0, atol=1e-6)
 
 
 def test_a_run_judges_only_new_images_against_the_cached_kept_embeddings(tmp_path: Path, monkeypatch) -> None:
