@@ -37,6 +37,12 @@ def undo_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".undo")
 
 
+def lock_path(path: str | Path) -> Path:
+    """`<manifest>.lock`: the lock of the manifest's one writer (`prep.manifest.lock_manifest`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
 def rewrite_tail(path: Path, start: int, old_tail: bytes, new_tail: bytes) -> None:
     """Replace the manifest's bytes from `start` to its end (`old_tail`) with `new_tail`, crash-safely."""
     undo = undo_path(path)
@@ -94,13 +100,13 @@ def settle(path: Path) -> None:
     from prep.fsio import LockedError, acquire_lock, held_lock_paths, release_lock
 
     deadline = time.monotonic() + WAIT_S
-    lock_path = path.with_name(path.name + ".lock")
+    lock_file = lock_path(path)
     while undo_path(path).exists():
-        if str(lock_path) in held_lock_paths():  # this process is the writer
+        if str(lock_file) in held_lock_paths():  # this process is the writer
             roll_back(path)
             return
         try:
-            lock = acquire_lock(lock_path, f"the manifest {path}")
+            lock = acquire_lock(lock_file, f"the manifest {path}")
         except LockedError:
             if time.monotonic() > deadline:
                 raise UserError(f"the manifest {path} is being changed in place by another prep job "

@@ -39,7 +39,7 @@ import pyarrow as pa
 from prep.config import T5_MAX_LENGTH
 from prep.errors import UserError
 from prep.fsio import atomic_open
-from prep.inplace import roll_back, settle, undo_path
+from prep.inplace import lock_path, roll_back, settle, undo_path
 from prep.records import has_caption, is_safe_id, needs_migration
 
 logger = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def lock_manifest(path: str | Path, why: str | None = None, error: type[Exceptio
 
     target = resolve_manifest_path(path)
     try:
-        lock = acquire_lock(target.with_name(target.name + ".lock"), f"the manifest {path}")
+        lock = acquire_lock(lock_path(target), f"the manifest {path}")
     except LockedError as exc:
         raise (error or UserError)(f"{exc}: {why}" if why else str(exc)) from None
     if roll_back(target):
@@ -775,10 +775,15 @@ def rewrite(
     kept_rows = np.flatnonzero(keep)
     new_lengths = np.concatenate([lengths[kept_rows], np.asarray([len(x) for x in appended_lines], dtype=np.int64)])
     new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64)
-    table = _spliced_table(manifest, kept_rows, changed, appended, new_offsets, new_lengths)
+    return _written(manifest, _spliced_table(manifest, kept_rows, changed, appended, new_offsets, new_lengths))
+
+
+def _written(old: Manifest, table: pa.Table) -> Manifest:
+    """The manifest as just written (`table`, its projection), its cache saved; `old` is closed."""
+    path = old.path
     result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
     result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
-    manifest.close()
+    old.close()
     return result
 
 
@@ -795,27 +800,25 @@ def _tail_in_place(manifest: Manifest, changed: dict[int, dict], appended: list[
     first = min(changed) if changed else n
     spans = manifest.spans
     start = int(spans[first, 0]) if first < n else int(spans[-1].sum())
-    size = os.fstat(data.file.fileno()).st_size
+    opened = os.fstat(data.file.fileno())
+    size = opened.st_size
     try:
-        same_file = os.path.samestat(os.fstat(data.file.fileno()), os.stat(manifest.path))
+        same_file = os.path.samestat(opened, os.stat(manifest.path))
     except OSError:
         return None
     contiguous = first >= n or bool((spans[first + 1:, 0] == spans[first:-1].sum(axis=1)).all())
-    if (not same_file or int(spans[-1].sum()) != size or not contiguous or size - start > size * TAIL_SHARE
-            or data.read_at(size - 1, 1) != b"\n"):
+    if not same_file or int(spans[-1].sum()) != size or not contiguous or size - start > size * TAIL_SHARE:
         return None
-    lines = [orjson.dumps(changed[row]) + b"\n" if row in changed else data.read_at(*map(int, spans[row]))
-             for row in range(first, n)]
+    old_tail = data.read_at(start, size - start)
+    if (old_tail[-1:] or data.read_at(size - 1, 1)) != b"\n":  # the file's last byte: appends follow a newline
+        return None
+    lines = [orjson.dumps(changed[row]) + b"\n" if row in changed
+             else old_tail[int(spans[row, 0]) - start : int(spans[row].sum()) - start] for row in range(first, n)]
     lines += [orjson.dumps(record) + b"\n" for record in appended]
-    rewrite_tail(manifest.path, start, data.read_at(start, size - start), b"".join(lines))
+    rewrite_tail(manifest.path, start, old_tail, b"".join(lines))
     lengths = np.concatenate([spans[:first, 1], np.asarray([len(line) for line in lines], dtype=np.int64)])
     offsets = np.concatenate([spans[:first, 0], start + np.concatenate([[0], np.cumsum(lengths[first:])[:-1]])])
-    table = _spliced_table(manifest, np.arange(n), changed, appended, offsets.astype(np.int64), lengths)
-    path = manifest.path
-    result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
-    result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
-    manifest.close()
-    return result
+    return _written(manifest, _spliced_table(manifest, np.arange(n), changed, appended, offsets.astype(np.int64), lengths))
 
 
 def _copy_rows(f, manifest: Manifest, keep: np.ndarray, new_lines: dict[int, bytes], lengths: np.ndarray) -> None:

@@ -200,3 +200,11 @@ def test_a_read_torn_by_an_in_place_change_is_read_again(manifest: Path, monkeyp
     assert len(calls) == 2  # the first version was dropped, not cached
     monkeypatch.undo()
     assert read_manifest(manifest).table.equals(read_manifest(manifest, use_cache=False).table)
+
+
+def test_a_last_line_without_a_newline_means_a_whole_rewrite(manifest: Path) -> None:
+    manifest.write_bytes(manifest.read_bytes().rstrip(b"\n"))  # as a hand edit may leave it
+    inode = manifest.stat().st_ino
+    rewrite(read_manifest(manifest), {}, [record(N)])
+    assert manifest.stat().st_ino != inode  # appending in place would glue the new line onto the last one
+    assert manifest.read_bytes() == expected_bytes([record(i) for i in range(N + 1)])
