@@ -327,10 +327,10 @@ class CaptionSources:
 def apply_captions(prep) -> None:
     """Captions from the `--captions` source for records without one, and where that source changed."""
     import numpy as np
-    import orjson
     import pyarrow.compute as pc
 
     from prep import store
+    from prep.manifest import config_hash
 
     opts = prep.opts
     if opts.captions == "none" or "caption" not in opts.selected_passes() or opts.recaption:
@@ -340,14 +340,14 @@ def apply_captions(prep) -> None:
     chooser = CaptionSources(opts, roots)
     table = prep.manifest.table
     missing = ~pc.is_valid(table.column("caption")).to_numpy(zero_copy_only=False)
-    sources_ = pc.fill_null(table.column("caption__source").cast("string"), "").to_pylist()
-    configs = pc.fill_null(table.column("caption__config").cast("string"), "").to_pylist()
+    sources_ = pc.fill_null(table.column("caption__source"), "").to_pylist()
+    configs = table.column("caption__config").to_pylist()
     sizes = pc.fill_null(table.column("caption__file_size"), -1).to_numpy()
     mtimes = pc.fill_null(table.column("caption__file_mtime"), -1).to_numpy()
     paths = table.column("image_path").to_pylist()
     ours = {"sidecar": "sidecar", "metadata": "metadata", "instance": "instance_prompt", "filename": "filename"}
     mine = {ours[s] for s in chooser.order()}
-    config = orjson.dumps({"prefix": chooser.prefix}).decode() if chooser.prefix else ""
+    config = config_hash({"prefix": chooser.prefix} if chooser.prefix else None)
     candidates = missing | np.array([s in mine for s in sources_], dtype=bool)
     for row in np.flatnonzero(candidates).tolist():
         path = prep.changed[row]["image_path"] if row in prep.changed else paths[row]

@@ -11,8 +11,11 @@ Scale (millions of records, eight ranks per node):
   stamp's configuration, input hash and file stamp); full records stay in the file and are
   parsed again only when asked for (`record(row)`, through a memory map);
 - the projection is cached beside the manifest (`<manifest>.cache.arrow`, keyed by the
-  manifest's size, mtime and inode) and memory-mapped, so every rank of a node shares one copy
-  and a run with nothing to do does not parse the JSON at all;
+  manifest's size, mtime and a sample of its bytes) and memory-mapped, so every rank of a node
+  shares one copy and a run with nothing to do does not parse the JSON at all. Its columns are
+  plain Arrow types that `datasets` takes as they are (a dictionary column would be decoded into
+  each process's own memory: 570 MB per million records); a stamp's configuration, a long JSON
+  text repeated on every record, is kept as a 64-bit hash (`config_hash`, `stamp_config`);
 - a rewrite streams: untouched lines are copied as bytes, only changed records are
   serialised again, and the new projection is spliced rather than rebuilt.
 A manifest reached through a symlink is read, locked and rewritten at its target.
@@ -40,11 +43,12 @@ from prep.config import T5_MAX_LENGTH
 from prep.errors import UserError
 from prep.fsio import atomic_open
 from prep.inplace import lock_path, roll_back, settle, undo_path
+from prep.provenance import config_of
 from prep.records import has_caption, is_safe_id, needs_migration
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 64
 # Integers orjson may not keep exactly (beyond 64 bits) or that do not fit int64: 20+ digits, or
@@ -182,7 +186,7 @@ def stage_columns() -> list[tuple[str, pa.DataType, object]]:
     for name, stage in stages.STAGES.items():
         prefix = f"{name}__"
         columns += [
-            (prefix + "config", pa.string(), lambda s: _config_key(s)),
+            (prefix + "config", pa.int64(), lambda s: config_hash(config_of(s))),
             (prefix + "format", pa.int64(), lambda s: _int(s.get("format"))),
             (prefix + "origin", pa.string(), lambda s: _str(s.get("origin"))),
             (prefix + "input", pa.int64(), lambda s: hash64(s.get("caption_sha256") or s.get("image_sha256"))),
@@ -201,11 +205,39 @@ def stage_columns() -> list[tuple[str, pa.DataType, object]]:
     return columns
 
 
-def _config_key(stamp: dict) -> str | None:
-    from prep.provenance import config_of
+CONFIGS: dict[int, bytes] = {}  # config_hash -> the configuration's JSON, for every one this process met
 
-    config = config_of(stamp)
-    return orjson.dumps(config, option=orjson.OPT_SORT_KEYS).decode() if config else None
+
+def config_hash(config: dict | None) -> int | None:
+    """A stamp configuration as the signed 64-bit hash the projection keeps (None: no configuration).
+
+    The JSON is remembered (`CONFIGS`, content-addressed, so it never goes stale) and travels
+    with the projection cache; `stamp_config` gives it back."""
+    if not config:
+        return None
+    text = orjson.dumps(config, option=orjson.OPT_SORT_KEYS)
+    key = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+    CONFIGS.setdefault(key, text)
+    return key
+
+
+def stamp_config(key: int) -> dict:
+    """The configuration behind a `config_hash`."""
+    try:
+        return orjson.loads(CONFIGS[key])
+    except KeyError:
+        raise RuntimeError(f"stamp configuration {key} was never seen by this process") from None
+
+
+def _configs_of(table: pa.Table) -> dict[str, str]:
+    """The configurations the table's `<stage>__config` columns name (for the cache's metadata)."""
+    import pyarrow.compute as pc
+
+    keys: set[int] = set()
+    for name in table.column_names:
+        if name.endswith("__config"):
+            keys.update(k for k in pc.unique(table.column(name)).to_pylist() if k is not None)
+    return {str(k): CONFIGS[k].decode() for k in sorted(keys)}
 
 
 def _fp(record: dict) -> dict:
@@ -230,14 +262,6 @@ BASE_COLUMNS: list[tuple[str, pa.DataType, object]] = [
     ("fp_sha", pa.int64(), lambda r: hash64(_fp(r).get("sha256"))),
     ("fp_sha256", pa.string(), lambda r: _str(_fp(r).get("sha256"))),
 ]
-DICTIONARY_COLUMNS = ("aspect_bucket", "filtered")
-
-
-def is_dictionary_column(name: str) -> bool:
-    """Columns of few distinct values (buckets, flags, stamp configurations), kept dictionary-encoded."""
-    return name in DICTIONARY_COLUMNS or name.endswith(("__config", "__origin", "__bucket", "__source"))
-
-
 def _mask_ok(mask) -> bool:
     """`records.is_valid_mask`, at C speed: 77 ints (no bools), each 0 or 1."""
     return (
@@ -292,13 +316,10 @@ class _Projector:
             self._flush()
 
     def _flush(self) -> None:
-        """One chunk to Arrow; its repetitive string columns dictionary-encoded right away, so a
-        million records never hold their stamps' configurations as plain strings."""
+        """One chunk to Arrow: Python objects are held for `CHUNK` records at most."""
         if not self.values[0]:
             return
         arrays = [pa.array(values, type=kind) for kind, values in zip(self.types, self.values, strict=True)]
-        arrays = [array.dictionary_encode() if is_dictionary_column(name) else array
-                  for name, array in zip(self.names, arrays, strict=True)]
         self.batches.append(pa.RecordBatch.from_arrays(arrays, names=self.names))
         for values in self.values:
             values.clear()
@@ -308,7 +329,7 @@ class _Projector:
         schema = pa.schema(list(zip(self.names, self.types, strict=True)))
         table = pa.Table.from_batches(self.batches) if self.batches else schema.empty_table()
         self.batches = []
-        return _redictionary(table)
+        return table  # in its chunks: no second copy of a million rows
 
 
 def projection_names() -> list[str]:
@@ -402,7 +423,7 @@ class Manifest:
         over the open file (this object is spent)."""
         if not changed:
             return self
-        table = _spliced_table(self, np.arange(len(self)), changed, [], None, None, combine=False)
+        table = _spliced_table(self, np.arange(len(self)), changed, [], None, None)
         data, self._data = self._data, None
         return Manifest(path=self.path, table=table, rejected=self.rejected, _data=data,
                         overlay={**self.overlay, **changed})
@@ -558,6 +579,9 @@ def _read_version(path: Path, stat: os.stat_result, use_cache: bool) -> Manifest
     manifest = _parse(path, data)
     if use_cache and _still(data, stat):  # never a cache of a version torn by an in-place change
         manifest.cache_path = _save_cache(path, manifest, key)
+        cached = _load_cache(path, key) if manifest.cache_path is not None else None
+        if cached is not None:
+            manifest.table = cached[0]  # memory-mapped: the parsed table's memory is given back
     return manifest
 
 
@@ -661,13 +685,15 @@ def _load_cache(path: Path, key: dict[bytes, bytes]) -> tuple[pa.Table, list[Rej
     if metadata.get(b"prep.manifest") != key[b"prep.manifest"]:
         return None
     try:
-        import json
+        import json  # the rejected texts may hold escaped surrogates (undecodable bytes), which orjson refuses
 
         rejected = [
             RejectedLine(item["line"], item["text"], item["reason"]) for item in json.loads(metadata.get(b"prep.rejected", b"[]"))
         ]
-    except (ValueError, KeyError, TypeError):
+        configs = {int(key): text.encode() for key, text in orjson.loads(metadata.get(b"prep.configs", b"{}")).items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    CONFIGS.update(configs)
     return table.replace_schema_metadata(None), rejected
 
 
@@ -677,14 +703,22 @@ def _save_cache(path: Path, manifest: Manifest, key: dict[bytes, bytes]) -> Path
     rejected = ("[" + ",".join(r.to_json() for r in manifest.rejected) + "]").encode()
     if len(rejected) > 16 << 20:
         return None  # a manifest that is mostly garbage is not worth caching
-    table = manifest.table.replace_schema_metadata({**key, b"prep.rejected": rejected})
+    table = manifest.table
+    schema = table.schema.with_metadata({**key, b"prep.rejected": rejected, b"prep.configs": orjson.dumps(_configs_of(table))})
     try:
-        with atomic_open(cache, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
+        with atomic_open(cache, "wb") as f, pa.ipc.new_stream(f, schema) as writer:
+            for start in range(0, table.num_rows, CACHE_BATCH):
+                # one batch of whole chunks at a time: slices of a spliced table are gathered here,
+                # so the cache never fragments and memory holds one batch, not a second table
+                for batch in table.slice(start, CACHE_BATCH).combine_chunks().to_batches():
+                    writer.write_batch(batch)
     except OSError as exc:
         logger.debug("no manifest cache at %s: %s", cache, exc)
         return None
     return cache
+
+
+CACHE_BATCH = 65_536  # rows per record batch of the cache
 
 
 # ------------------------------------------------------------------------------ rejected
@@ -781,8 +815,13 @@ def rewrite(
 def _written(old: Manifest, table: pa.Table) -> Manifest:
     """The manifest as just written (`table`, its projection), its cache saved; `old` is closed."""
     path = old.path
+    key = _cache_key(path, os.stat(path))
     result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
-    result.cache_path = _save_cache(path, result, _cache_key(path, os.stat(path)))
+    result.cache_path = _save_cache(path, result, key)
+    cached = _load_cache(path, key) if result.cache_path is not None else None
+    # the cache just written, memory-mapped (its pages shared by every rank and process of a
+    # node), in place of the spliced table; without a cache, the table in one piece
+    result.table = cached[0] if cached is not None else table.combine_chunks()
     old.close()
     return result
 
@@ -853,11 +892,11 @@ def _write_run(f, data: ManifestFile, start: int, end: int) -> None:
 
 def _spliced_table(
     manifest: Manifest, kept_rows: np.ndarray, changed: dict[int, dict], appended: list[dict],
-    offsets: np.ndarray | None, lengths: np.ndarray | None, *, combine: bool = True,
+    offsets: np.ndarray | None, lengths: np.ndarray | None,
 ) -> pa.Table:
     """The new projection: the old one with the changed rows projected again, dropped rows left
     out and appended ones added; offsets and lengths of the new file (None: kept as they are).
-    `combine=False` leaves it in chunks, the untouched ones still the old (memory-mapped) buffers."""
+    In chunks: the untouched ones are still the old (memory-mapped) buffers."""
     old = manifest.table
     kept = kept_rows.astype(np.int64)
     changed_rows = np.asarray(sorted(changed), dtype=np.int64)
@@ -868,7 +907,7 @@ def _spliced_table(
     if offsets is not None:
         table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.array(offsets, pa.int64()))
         table = table.set_column(table.schema.get_field_index("length"), "length", pa.array(lengths, pa.int64()))
-    return _redictionary(table, combine=combine)
+    return table
 
 
 MAX_SLICES = 4096  # changed rows spliced as slices; more, and one take is cheaper
@@ -922,10 +961,7 @@ def _fitted(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
         for field in schema:
             if field.name in table.column_names:
                 column = table.column(field.name)
-                if pa.types.is_dictionary(field.type) and not pa.types.is_dictionary(column.type):
-                    column = column.cast(field.type.value_type).dictionary_encode()
-                    column = column.cast(field.type) if column.type != field.type else column
-                elif column.type != field.type:
+                if column.type != field.type:
                     column = column.cast(field.type)
             else:
                 column = pa.nulls(table.num_rows, field.type)
@@ -937,32 +973,14 @@ def _fitted(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
 
 def _splice_by_take(old: pa.Table, kept: np.ndarray, changed_rows: np.ndarray, changed: dict[int, dict],
                     appended: list[dict]) -> pa.Table:
-    parts = [_unify(old)]
+    parts = [old]
     indices = kept.copy()
     if len(changed_rows):
-        parts.append(_unify(project((changed[int(row)], 0, 0) for row in changed_rows.tolist())))
+        parts.append(project((changed[int(row)], 0, 0) for row in changed_rows.tolist()))
         indices[np.searchsorted(kept, changed_rows)] = old.num_rows + np.arange(len(changed_rows), dtype=np.int64)
     extra = old.num_rows + len(changed_rows)
     if appended:
-        parts.append(_unify(project((record, 0, 0) for record in appended)))
+        parts.append(project((record, 0, 0) for record in appended))
         indices = np.concatenate([indices, extra + np.arange(len(appended), dtype=np.int64)])
     combined = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
     return combined.take(pa.array(indices))
-
-
-def _unify(table: pa.Table) -> pa.Table:
-    """Dictionary columns decoded, so tables with different dictionaries concatenate."""
-    columns = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in table.columns]
-    return pa.Table.from_arrays(columns, names=table.column_names)
-
-
-def _redictionary(table: pa.Table, *, combine: bool = True) -> pa.Table:
-    """The repetitive columns dictionary-encoded (`is_dictionary_column`); in one chunk unless not `combine`."""
-    columns = []
-    for name, column in zip(table.column_names, table.columns, strict=True):
-        if is_dictionary_column(name) and not pa.types.is_dictionary(column.type):
-            column = column.combine_chunks().dictionary_encode() if column.num_chunks else pa.chunked_array(
-                [], pa.dictionary(pa.int32(), column.type))
-        columns.append(column)
-    table = pa.Table.from_arrays(columns, names=table.column_names)
-    return table.combine_chunks() if combine else table

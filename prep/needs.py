@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -111,17 +110,16 @@ class _ConfigJudge:
 
     def __init__(self, expected: dict):
         self.expected = expected
-        self.cache: dict[str | None, str | None] = {None: None}
+        self.cache: dict[int | None, str | None] = {None: None}
 
     def reasons(self, column) -> list[str | None]:
+        """A `<stage>__config` column (configuration hashes) -> the stale reason of each row."""
+        from prep.manifest import stamp_config
+
         values = column.to_pylist()
-        out = []
-        for value in values:
-            if value not in self.cache:
-                config = orjson.loads(value)
-                self.cache[value] = provenance.config_stale_reason(config, self.expected)
-            out.append(self.cache[value])
-        return out
+        for value in set(values) - self.cache.keys():
+            self.cache[value] = provenance.config_stale_reason(stamp_config(value), self.expected)
+        return [self.cache[value] for value in values]
 
 
 def plan_batch(batch: pa.Table, stage, yard: Yardstick, judge: _ConfigJudge, work: StageWork) -> np.ndarray:

@@ -387,3 +387,56 @@ def test_a_rewrite_projects_exactly_what_a_fresh_read_projects(tmp_path, monkeyp
     assert result.table.to_pylist() == fresh.table.to_pylist()
     assert [result.record(row) for row in range(len(result))] == [fresh.record(row) for row in range(len(fresh))]
     assert len(fresh) == 40 - 2 + 2 and fresh.record(4)["caption"] == "edited 5"
+
+
+def test_the_dataset_view_takes_the_memory_mapped_projection_without_a_copy(tmp_path):
+    """`datasets` decodes dictionary columns into each process's memory (570 MB per million
+    records, per rank): the projection's columns must be types it keeps as they are."""
+    import pyarrow as pa
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i, "832x1216" if i % 3 else "1024x1024") for i in range(20_000)])
+    read_manifest(path)  # writes the projection cache
+    manifest = read_manifest(path)
+    assert manifest.cache_path is not None
+    assert not any(pa.types.is_dictionary(t) for t in manifest.table.schema.types)
+    before = pa.total_allocated_bytes()
+    dataset = manifest.to_dataset()
+    assert manifest.table.nbytes > 2_000_000
+    assert pa.total_allocated_bytes() - before < manifest.table.nbytes / 10
+    assert dataset[7]["vae__bucket"] == "832x1216" and dataset[6]["aspect_bucket"] == "1024x1024"
+
+
+def test_a_stamp_configuration_comes_back_from_the_cache_in_a_new_process(tmp_path, monkeypatch):
+    """The projection keeps a configuration as a hash; a process that reads only the cache (every
+    rank of a warm run) must still know the configuration behind it."""
+    import prep.manifest as manifest_module
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(5)])
+    read_manifest(path)
+    monkeypatch.setattr(manifest_module, "CONFIGS", {})  # as in a fresh process
+    manifest = read_manifest(path)
+    assert manifest.cache_path is not None
+    key = manifest.table.column("vae__config")[0].as_py()
+    assert manifest_module.stamp_config(key) == {"model_id": "m", "revision": "r", "dtype": "torch.float32"}
+    monkeypatch.setattr(manifest_module, "CONFIGS", {})
+    with pytest.raises(RuntimeError, match="never seen"):
+        manifest_module.stamp_config(key)
+
+
+def test_a_rewrite_hands_back_the_memory_mapped_cache_not_a_second_table(tmp_path):
+    import pyarrow as pa
+
+    import prep.manifest as manifest_module
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(20_000)])
+    manifest = read_manifest(path)
+    record = manifest.record(3)
+    record["caption"] = "edited"
+    before = pa.total_allocated_bytes()
+    result = manifest_module.rewrite(manifest, {3: record})
+    assert result.cache_path is not None and result.table.column("caption")[3].as_py() == "edited"
+    assert pa.total_allocated_bytes() - before < result.table.nbytes / 10
+    assert result.table.to_pylist() == read_manifest(path, use_cache=False).table.to_pylist()
