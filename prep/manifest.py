@@ -279,16 +279,21 @@ def _caption_sha(record: dict) -> str | None:
 
 class _Projector:
     """Accumulates the projection of records column by column and turns every `CHUNK` rows into
-    Arrow arrays (cheap appends, bounded Python-object memory at millions of records)."""
+    Arrow arrays (cheap appends, bounded Python-object memory at millions of records).
+
+    With a `spool` (an open file), each chunk is written there as it is made and the table is
+    that file memory-mapped: a parse of ten million records holds one chunk, not the table."""
 
     CHUNK = 65_536
 
-    def __init__(self) -> None:
+    def __init__(self, spool=None) -> None:
         self.base = BASE_COLUMNS
         self.stamps = stage_columns()
         self.values: list[list] = [[] for _ in range(2 + len(self.base) + len(self.stamps))]
         self.batches: list[pa.RecordBatch] = []
         self.count = 0
+        self.spool = spool
+        self.writer = None
 
     @property
     def names(self) -> list[str]:
@@ -320,16 +325,34 @@ class _Projector:
         if not self.values[0]:
             return
         arrays = [pa.array(values, type=kind) for kind, values in zip(self.types, self.values, strict=True)]
-        self.batches.append(pa.RecordBatch.from_arrays(arrays, names=self.names))
+        batch = pa.RecordBatch.from_arrays(arrays, names=self.names)
+        if self.spool is None:
+            self.batches.append(batch)
+        else:
+            if self.writer is None:
+                self.writer = pa.ipc.new_stream(self.spool, batch.schema)
+            self.writer.write_batch(batch)
         for values in self.values:
             values.clear()
 
     def table(self) -> pa.Table:
         self._flush()
         schema = pa.schema(list(zip(self.names, self.types, strict=True)))
+        if self.writer is not None:
+            self.writer.close()
+            self.spool.flush()
+            return _mapped(self.spool)
         table = pa.Table.from_batches(self.batches) if self.batches else schema.empty_table()
         self.batches = []
         return table  # in its chunks: no second copy of a million rows
+
+
+def _mapped(f) -> pa.Table:
+    """The Arrow stream in the open file `f`, memory-mapped (zero-copy: its pages are the page
+    cache's). The buffers hold the mapping, which outlives the file's descriptor and name."""
+    import mmap
+
+    return pa.ipc.open_stream(pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))).read_all()
 
 
 def projection_names() -> list[str]:
@@ -576,13 +599,33 @@ def _read_version(path: Path, stat: os.stat_result, use_cache: bool) -> Manifest
         if cached is not None:
             table, rejected = cached
             return Manifest(path=path, table=table, rejected=rejected, _data=data, cache_path=cache_file(path))
-    manifest = _parse(path, data)
+    with _spool(path if use_cache else None) as spool:
+        manifest = _parse(path, data, spool)
     if use_cache and _still(data, stat):  # never a cache of a version torn by an in-place change
         manifest.cache_path = _save_cache(path, manifest, key)
         cached = _load_cache(path, key) if manifest.cache_path is not None else None
         if cached is not None:
             manifest.table = cached[0]  # memory-mapped: the parsed table's memory is given back
     return manifest
+
+
+@contextlib.contextmanager
+def _spool(path: Path | None):
+    """A nameless temp file beside the manifest for the parse's projection (None: parse in memory,
+    also when the folder is read-only). Closed, or killed, it is gone; its mapping lives on."""
+    import tempfile
+
+    f = None
+    if path is not None:
+        try:
+            f = tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".parse.prep-tmp")  # noqa: SIM115
+        except OSError:
+            f = None
+    try:
+        yield f
+    finally:
+        if f is not None:
+            f.close()
 
 
 def _still(data: ManifestFile | None, stat: os.stat_result) -> bool:
@@ -615,10 +658,13 @@ def _decode_for_humans(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape").rstrip("\n").rstrip("\r")
 
 
-def _parse(path: Path, data: ManifestFile) -> Manifest:
-    projector = _Projector()
+def _parse(path: Path, data: ManifestFile, spool=None) -> Manifest:
+    """Parse every line; the projection in memory, or spooled to `spool` (an open temp file)."""
+    import array
+
+    projector = _Projector(spool)
     rejected: list[RejectedLine] = []
-    linenos: list[int] = []
+    linenos = array.array("q")
     for lineno, offset, line in _iter_lines(data):
         length = len(line)
         raw = line.rstrip(b"\r\n")
@@ -638,7 +684,7 @@ def _parse(path: Path, data: ManifestFile) -> Manifest:
         projector.add(obj, offset, length)
         linenos.append(lineno)
     table = projector.table()
-    table, duplicates = _drop_duplicates(table, np.asarray(linenos, dtype=np.int64), data)
+    table, duplicates = _drop_duplicates(table, np.frombuffer(linenos, dtype=np.int64), data)
     rejected = sorted(rejected + duplicates, key=lambda r: r.lineno)
     return Manifest(path=path, table=table, rejected=rejected, _data=data)
 

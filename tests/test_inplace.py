@@ -186,9 +186,9 @@ def test_a_read_torn_by_an_in_place_change_is_read_again(manifest: Path, monkeyp
 
     parse, calls = manifest_module._parse, []
 
-    def parse_while_another_job_appends(path, data):
+    def parse_while_another_job_appends(path, data, spool=None):
         calls.append(path)
-        result = parse(path, data)
+        result = parse(path, data, spool)
         if len(calls) == 1:
             size = manifest.stat().st_size
             inplace.rewrite_tail(manifest, size, b"", orjson.dumps(record(N)) + b"\n")

@@ -440,3 +440,30 @@ def test_a_rewrite_hands_back_the_memory_mapped_cache_not_a_second_table(tmp_pat
     assert result.cache_path is not None and result.table.column("caption")[3].as_py() == "edited"
     assert pa.total_allocated_bytes() - before < result.table.nbytes / 10
     assert result.table.to_pylist() == read_manifest(path, use_cache=False).table.to_pylist()
+
+
+def test_a_cold_parse_spools_the_projection_instead_of_holding_it(tmp_path, monkeypatch):
+    """The first read of ten million records must not hold their projection in memory: each chunk
+    goes to a nameless temp file as it is made, and nothing is left in the folder."""
+    import pyarrow as pa
+
+    import prep.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module._Projector, "CHUNK", 1_000)
+    monkeypatch.setattr(manifest_module, "CACHE_BATCH", 1_000)
+    held = []
+    flush = manifest_module._Projector._flush
+
+    def flush_and_count(self):
+        flush(self)
+        held.append(sum(batch.nbytes for batch in self.batches))
+
+    monkeypatch.setattr(manifest_module._Projector, "_flush", flush_and_count)
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(10_000)])
+    before = pa.total_allocated_bytes()
+    manifest = read_manifest(path)
+    assert manifest.cache_path is not None and len(manifest) == 10_000 and len(held) >= 10
+    assert max(held) == 0 and pa.total_allocated_bytes() - before < manifest.table.nbytes / 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "manifest.jsonl.cache.arrow"]
+    assert manifest.table.to_pylist() == read_manifest(path, use_cache=False).table.to_pylist()
