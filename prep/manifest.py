@@ -428,12 +428,15 @@ class Manifest:
     projections_column = column
 
     def __getstate__(self) -> dict:
-        """Picklable for worker processes: the file is mapped again on the other side."""
+        """Picklable for worker processes: the file is mapped again on the other side, which also
+        learns the stamp configurations behind the table's hashes."""
         state = dict(self.__dict__)
         state["_data"] = None
+        state["_configs"] = _configs_of(self.table)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        CONFIGS.update((int(key), text.encode()) for key, text in state.pop("_configs", {}).items())
         self.__dict__.update(state)
         if self.path.exists() and len(self):
             self._data = ManifestFile(self.path)
@@ -599,8 +602,14 @@ def _read_version(path: Path, stat: os.stat_result, use_cache: bool) -> Manifest
         if cached is not None:
             table, rejected = cached
             return Manifest(path=path, table=table, rejected=rejected, _data=data, cache_path=cache_file(path))
-    with _spool(path if use_cache else None) as spool:
-        manifest = _parse(path, data, spool)
+    try:
+        with _spool(path if use_cache else None) as spool:
+            manifest = _parse(path, data, spool)
+    except OSError as exc:  # the spool could not be written (a full disk): reading must not fail for it
+        if not use_cache:
+            raise
+        logger.debug("parsing %s in memory: %s", path, exc)
+        manifest = _parse(path, data)
     if use_cache and _still(data, stat):  # never a cache of a version torn by an in-place change
         manifest.cache_path = _save_cache(path, manifest, key)
         cached = _load_cache(path, key) if manifest.cache_path is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -467,3 +468,34 @@ def test_a_cold_parse_spools_the_projection_instead_of_holding_it(tmp_path, monk
     assert max(held) == 0 and pa.total_allocated_bytes() - before < manifest.table.nbytes / 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "manifest.jsonl.cache.arrow"]
     assert manifest.table.to_pylist() == read_manifest(path, use_cache=False).table.to_pylist()
+
+
+def test_a_pickled_manifest_brings_its_stamp_configurations(tmp_path, monkeypatch):
+    import pickle
+
+    import prep.manifest as manifest_module
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(3)])
+    data = pickle.dumps(read_manifest(path))
+    monkeypatch.setattr(manifest_module, "CONFIGS", {})  # a spawned worker
+    manifest = pickle.loads(data)
+    key = manifest.table.column("vae__config")[1].as_py()
+    assert manifest_module.stamp_config(key)["model_id"] == "m" and manifest.record(1)["image_id"] == "img_1"
+
+
+def test_a_cold_parse_that_cannot_spool_reads_in_memory(tmp_path, monkeypatch):
+    """A full disk may stop the spool or the cache; the manifest is still read."""
+    import tempfile
+
+    import prep.manifest as manifest_module
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(3)])
+    monkeypatch.setattr(manifest_module._Projector, "CHUNK", 2)  # the spool is written during the parse
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: FullDisk())
+    assert [r["image_id"] for r in read_manifest(path)] == ["img_0", "img_1", "img_2"]
