@@ -337,11 +337,11 @@ class _Projector:
 
     def table(self) -> pa.Table:
         self._flush()
-        schema = pa.schema(list(zip(self.names, self.types, strict=True)))
         if self.writer is not None:
             self.writer.close()
             self.spool.flush()
             return _mapped(self.spool)
+        schema = pa.schema(list(zip(self.names, self.types, strict=True)))
         table = pa.Table.from_batches(self.batches) if self.batches else schema.empty_table()
         self.batches = []
         return table  # in its chunks: no second copy of a million rows
@@ -611,10 +611,9 @@ def _read_version(path: Path, stat: os.stat_result, use_cache: bool) -> Manifest
         logger.debug("parsing %s in memory: %s", path, exc)
         manifest = _parse(path, data)
     if use_cache and _still(data, stat):  # never a cache of a version torn by an in-place change
-        manifest.cache_path = _save_cache(path, manifest, key)
-        cached = _load_cache(path, key) if manifest.cache_path is not None else None
-        if cached is not None:
-            manifest.table = cached[0]  # memory-mapped: the parsed table's memory is given back
+        mapped = _cache_and_map(manifest, key)
+        if mapped is not None:
+            manifest.table = mapped  # the parsed table is let go
     return manifest
 
 
@@ -776,6 +775,15 @@ def _save_cache(path: Path, manifest: Manifest, key: dict[bytes, bytes]) -> Path
 CACHE_BATCH = 65_536  # rows per record batch of the cache
 
 
+def _cache_and_map(manifest: Manifest, key: dict[bytes, bytes]) -> pa.Table | None:
+    """Save `manifest`'s projection as its cache and return the cache memory-mapped (its pages
+    shared by every rank and process of a node), to replace the table in memory; None when no
+    cache could be written."""
+    manifest.cache_path = _save_cache(manifest.path, manifest, key)
+    cached = _load_cache(manifest.path, key) if manifest.cache_path is not None else None
+    return cached[0] if cached is not None else None
+
+
 # ------------------------------------------------------------------------------ rejected
 def rejected_path(manifest_path: str | Path) -> Path:
     """`<manifest>.rejected.jsonl`, beside the manifest."""
@@ -872,11 +880,8 @@ def _written(old: Manifest, table: pa.Table) -> Manifest:
     path = old.path
     key = _cache_key(path, os.stat(path))
     result = Manifest(path=path, table=table, rejected=[], _data=ManifestFile(path))
-    result.cache_path = _save_cache(path, result, key)
-    cached = _load_cache(path, key) if result.cache_path is not None else None
-    # the cache just written, memory-mapped (its pages shared by every rank and process of a
-    # node), in place of the spliced table; without a cache, the table in one piece
-    result.table = cached[0] if cached is not None else table.combine_chunks()
+    mapped = _cache_and_map(result, key)
+    result.table = mapped if mapped is not None else table.combine_chunks()  # no cache: the table in one piece
     old.close()
     return result
 

@@ -54,14 +54,22 @@ def peak_rss_mb() -> float:
     Linux: VmHWM from /proc/self/status, which starts afresh at exec. (ru_maxrss does not: a
     child forked from a big parent reports the parent's size as its own peak.)
     """
+    found = _status_mb("VmHWM")
+    if found is not None:
+        return found
+    scale = 1 / 1024 / 1024 if sys.platform == "darwin" else 1 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _status_mb(field: str) -> float | None:
+    """One kB figure of /proc/self/status in MiB (Linux); None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    scale = 1 / 1024 / 1024 if sys.platform == "darwin" else 1 / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return None
 
 
 class PrivatePeak:
@@ -94,13 +102,7 @@ class PrivatePeak:
 
 def private_mb() -> float:
     """Resident anonymous memory of this process now (MiB): RssAnon of /proc/self/status."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
+    return _status_mb("RssAnon") or 0.0
 
 
 def peak_rss_children_mb() -> float:
