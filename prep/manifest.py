@@ -27,10 +27,12 @@ import contextlib
 import hashlib
 import io
 import logging
+import mmap
 import os
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,9 +352,25 @@ class _Projector:
 def _mapped(f) -> pa.Table:
     """The Arrow stream in the open file `f`, memory-mapped (zero-copy: its pages are the page
     cache's). The buffers hold the mapping, which outlives the file's descriptor and name."""
-    import mmap
+    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    _MAPPINGS.add(mapping)
+    return pa.ipc.open_stream(pa.py_buffer(mapping)).read_all()
 
-    return pa.ipc.open_stream(pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))).read_all()
+
+_MAPPINGS: weakref.WeakSet = weakref.WeakSet()  # the projections this process has mapped (while alive)
+
+
+def release_mapped_pages() -> None:
+    """Drop this process's hold on the pages of every mapped projection it has read so far.
+
+    They stay in the page cache, one copy per node shared by every rank, and come back on the
+    next touch. Called after each batch of a pass over the whole projection (a needs filter, a
+    readiness chunk, a cache write), so a process's RSS holds about one batch of it instead of
+    the whole file (6 GB at ten million records): SLURM and `ps` count a mapped page once per
+    process that touched it, so eight ranks would otherwise read as eight copies."""
+    for mapping in list(_MAPPINGS):
+        with contextlib.suppress(ValueError, OSError):  # closed, or a kernel without madvise
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def projection_names() -> list[str]:
@@ -412,6 +430,31 @@ class Manifest:
             raise UserError(f"the manifest {self.path} changed while this command read it (another prep job "
                             "rewrote its end): run the command again")
         return record
+
+    def records_between(self, start: int, stop: int) -> Iterator[dict]:
+        """The records of rows [start, stop), like `record` each, from one read of their span of the
+        file (a chunk of a pass over millions: one system call, not one per record). Parsed one at
+        a time as they are asked for: a chunk's records are never all alive at once."""
+        stop = min(stop, len(self))
+        if stop <= start:
+            return
+        spans = self.spans[start:stop]
+        if self.overlay or (len(spans) > 1 and not (np.diff(spans[:, 0]) > 0).all()):
+            yield from (self.record(row) for row in range(start, stop))  # rows in memory, or not in file order
+            return
+        first = int(spans[0, 0])
+        block = self._data.read_at(first, int(spans[-1, 0] + spans[-1, 1]) - first)
+        ids = self.table.column("image_id").slice(start, stop - start).to_pylist()
+        for (offset, length), image_id in zip(spans.tolist(), ids, strict=True):
+            begin = offset - first
+            try:
+                record = orjson.loads(block[begin : begin + length].rstrip(b"\r\n").removeprefix(_BOM))
+            except orjson.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or record.get("image_id") != image_id:
+                raise UserError(f"the manifest {self.path} changed while this command read it (another prep job "
+                                "rewrote its end): run the command again")
+            yield record
 
     def __iter__(self) -> Iterator[dict]:
         for row in range(len(self)):
@@ -731,9 +774,9 @@ def _drop_duplicates(table: pa.Table, linenos: np.ndarray, data) -> tuple[pa.Tab
 def _load_cache(path: Path, key: dict[bytes, bytes]) -> tuple[pa.Table, list[RejectedLine]] | None:
     cache = cache_file(path)
     try:
-        source = pa.memory_map(str(cache))
-        table = pa.ipc.open_stream(source).read_all()
-    except (OSError, pa.ArrowInvalid):
+        with open(cache, "rb") as f:
+            table = _mapped(f)
+    except (OSError, ValueError, pa.ArrowInvalid):  # ValueError: an empty file cannot be mapped
         return None
     metadata = table.schema.metadata or {}
     if metadata.get(b"prep.manifest") != key[b"prep.manifest"]:
@@ -766,6 +809,7 @@ def _save_cache(path: Path, manifest: Manifest, key: dict[bytes, bytes]) -> Path
                 # so the cache never fragments and memory holds one batch, not a second table
                 for batch in table.slice(start, CACHE_BATCH).combine_chunks().to_batches():
                     writer.write_batch(batch)
+                release_mapped_pages()
     except OSError as exc:
         logger.debug("no manifest cache at %s: %s", cache, exc)
         return None

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prep import provenance
+from prep.manifest import release_mapped_pages
 
 REDO_FILE = ".prep/redo.json"
 
@@ -168,6 +169,7 @@ def plan_batch(batch: pa.Table, stage, yard: Yardstick, judge: _ConfigJudge, wor
             work.stale[ids[i]] = "stale: not made for this record (no stamp)"
     rows = batch.column("row").to_numpy()
     work.rows.extend(int(r) for r in rows[need])
+    release_mapped_pages()
     return need
 
 
@@ -225,6 +227,7 @@ def _plan_caption_batch(batch, stage, yard: Yardstick, judge: _ConfigJudge, work
         why = "image changed" if image_changed[i] else reasons[i]
         work.stale[ids[i]] = f"stale: {why}" + ("" if need[i] else " (kept: --keep-stale)")
     work.rows.extend(int(r) for r in batch.column("row").to_numpy()[need])
+    release_mapped_pages()
     return need
 
 

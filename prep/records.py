@@ -23,14 +23,14 @@ V2_FIELDS = (
 )
 INLINE_DINOV3_FIELD = "dinov3_embedding"
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
-_BUCKET = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+BUCKET = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
 _FLOAT32_MAX = 3.4028234663852886e38  # larger values (and NaN, inf) are not finite once saved as float32
 
 
 def is_safe_id(value: Any) -> bool:
     """True for ids usable as a file name and a WebDataset key: [A-Za-z0-9_-], 1..100 chars."""
-    return isinstance(value, str) and _SAFE_ID.fullmatch(value) is not None
+    return isinstance(value, str) and SAFE_ID.fullmatch(value) is not None
 
 
 def is_valid_mask(mask: Any, length: int = T5_MAX_LENGTH) -> bool:
@@ -78,7 +78,7 @@ def validate_record(record: Any) -> list[str]:
         if not _is_positive_int(record.get(key)):
             reasons.append(f"bad {key}" if key in record else f"missing {key}")
     bucket = record.get("aspect_bucket")
-    if not (isinstance(bucket, str) and _BUCKET.fullmatch(bucket)):
+    if not (isinstance(bucket, str) and BUCKET.fullmatch(bucket)):
         reasons.append("bad aspect_bucket" if "aspect_bucket" in record else "missing aspect_bucket")
     if record.get("format_version") != FORMAT_VERSION:
         reasons.append("not format_version 2")

@@ -499,3 +499,48 @@ def test_a_cold_parse_that_cannot_spool_reads_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest_module._Projector, "CHUNK", 2)  # the spool is written during the parse
     monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: FullDisk())
     assert [r["image_id"] for r in read_manifest(path)] == ["img_0", "img_1", "img_2"]
+
+
+def _mapped_rss_kb(name: str) -> int:
+    """This process's resident kB of the mappings of files named `name` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) >= 6 and os.path.basename(fields[5]) == name
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_pass_over_the_projection_leaves_one_batch_of_it_resident(tmp_path):
+    """A pass over the mapped projection (a needs filter, a cache write) gives back each batch's
+    pages as it goes: the process's RSS does not grow to the whole file (6 GB at ten million
+    records, counted once per rank by SLURM and `ps`), and the data is still all there."""
+    from prep import provenance, stages
+    from prep.manifest import rewrite
+    from prep.needs import Yardstick, plan_stage
+
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(path, [stamped(i) for i in range(60_000)])
+    read_manifest(path)  # writes the cache
+    manifest = read_manifest(path)
+    cache = manifest.cache_path.name
+    expected = manifest.table.to_pylist()[:3]
+    whole = _mapped_rss_kb(cache)
+    assert whole > 10_000  # reading every column brought the whole file in: the measure can see it
+    import prep.manifest as manifest_module
+
+    manifest_module.release_mapped_pages()
+    assert _mapped_rss_kb(cache) < whole / 10
+    yard = Yardstick(derived_dir=tmp_path, expected=provenance.Expected({}))
+    todo, _ = plan_stage(manifest.to_dataset(), stages.get("vae"), yard)
+    assert len(todo) == 60_000
+    assert _mapped_rss_kb(cache) < whole / 4  # at most one 20k-row batch of the columns it read
+    record = manifest.record(5)
+    record["caption"] = "edited"
+    result = rewrite(manifest, {5: record})  # the cache written again from the mapped one
+    assert _mapped_rss_kb(cache) < whole / 4
+    assert result.table.to_pylist()[:3] == expected and result.table.column("caption")[5].as_py() == "edited"
