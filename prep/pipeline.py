@@ -630,7 +630,9 @@ def run_job(opts: RunOptions) -> RunSummary:
             report(opts, merged, counts, time.perf_counter() - started)
             if opts.verify:
                 code = verify_after_run(opts)
-        state.wait_for_everyone()
+        state.wait_for_everyone()  # every rank's side files are in place
+        if state.is_main_process:
+            store.mark_left_clean(opts.derived_dir)
     finally:
         if locks is not None:
             locks.release()

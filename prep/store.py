@@ -116,10 +116,32 @@ def ensure_dirs(base: str | Path) -> None:
 
 
 def sweep_stray_temp_files(base: str | Path) -> int:
-    """Delete temp files a killed run left in the artifact folders; return the count."""
+    """Delete temp files a killed run left in the artifact folders; return the count.
+
+    Skipped (0) when the last run left them clean (`LEFT_CLEAN_FILE`): listing the folders costs
+    a directory entry per side file, three million at a million records, at every start. Either
+    way the mark is then removed (durably) before anything is written: a run killed from here on
+    leaves no mark, and the next run sweeps."""
     from prep import stages
 
-    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts(stages.ALL))
+    mark = Path(base) / LEFT_CLEAN_FILE
+    swept = 0 if mark.is_file() else sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts(stages.ALL))
+    with contextlib.suppress(FileNotFoundError):
+        mark.unlink()
+        fsync_dir(mark.parent)
+    return swept
+
+
+LEFT_CLEAN_FILE = ".prep/left-clean"  # a run ended here with every side file written renamed into place
+
+
+def mark_left_clean(base: str | Path) -> None:
+    """After a run that ended well (every temp file renamed or removed): the next run need not sweep.
+    Only its presence counts, so a plain create is enough; lost in a crash, the next run sweeps."""
+    mark = Path(base) / LEFT_CLEAN_FILE
+    with contextlib.suppress(OSError):  # a read-only folder: the next run sweeps
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
 
 
 # ------------------------------------------------------------------------------ writing

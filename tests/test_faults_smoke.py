@@ -175,6 +175,38 @@ def test_full_disk_mid_run_is_one_line_and_a_rerun_completes(tmp_path, images, t
     assert compare(reference, work) == []
 
 
+def test_the_side_file_folders_are_swept_only_after_a_run_that_did_not_end_well(tmp_path, images, tiny_models,
+                                                                              monkeypatch) -> None:
+    """Listing the side-file folders for temp files costs a directory entry per file (three
+    million at a million records): a run skips it after a run that ended well, and a run that
+    dies (here: a rename that fails mid-pass) leaves its temp files and no mark, so the next
+    run sweeps them."""
+    work = tmp_path / "work"
+    subset = tmp_path / "images"
+    subset.mkdir()
+    for path in sorted(images.iterdir())[:3]:
+        os.link(path, subset / path.name)
+    assert main(run_args(work, subset, tiny_models)) == 0
+    derived = work / "derived"
+    mark = derived / store.LEFT_CLEAN_FILE
+    assert mark.is_file()
+    listed = []
+    real_sweep = fsio.sweep_temp_files
+    monkeypatch.setattr(store, "sweep_temp_files", lambda d, prefix="": listed.append(Path(d).name) or real_sweep(d, prefix))
+    for path in sorted(images.iterdir())[3:]:  # new work for the next run
+        os.link(path, subset / path.name)
+    real_publish = store.publish
+    monkeypatch.setattr(store, "publish", lambda tmp, path: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    assert main(run_args(work, subset, tiny_models)) != 0
+    assert listed == []  # the folders were left clean: not listed
+    assert temp_files(derived) and not mark.exists()  # a dead run: its temps stay, and no mark
+    monkeypatch.setattr(store, "publish", real_publish)
+    assert main(run_args(work, subset, tiny_models)) == 0
+    assert {"dinov3", "vae_latents", "t5_hidden"} <= set(listed)  # swept
+    assert not temp_files(derived) and mark.is_file()
+    assert main(["verify", "--manifest", str(work / "manifest.jsonl"), "--derived-dir", str(derived)]) == 0
+
+
 def test_full_tmpfs_during_run_and_export(tmp_path, images, tiny_models, reference, capsys) -> None:
     """A real full disk: a 300 KiB tmpfs fills in the T5 pass (154 KiB per file), then grows."""
     with mounted_tmpfs(tmp_path / "disk", "300k") as disk:

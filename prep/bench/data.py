@@ -22,7 +22,7 @@ from PIL import Image
 
 from prep.buckets import ASPECT_BUCKETS, Bucket, assign_aspect_bucket, format_bucket, latent_shape
 from prep.config import DINOV3_DIM, FORMAT_VERSION, T5_HIDDEN_DIM, T5_MAX_LENGTH
-from prep.store import artifact_dir, file_artifacts
+from prep.store import artifact_dir, file_artifacts, mark_left_clean
 
 SMALL_BUCKETS: list[Bucket] = [(w // 4, h // 4) for w, h in ASPECT_BUCKETS]  # 256^2-class, multiples of 16
 DATA_VERSION = 2
@@ -268,6 +268,7 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
               "models": sorted(str(p) for p in models.values())}
     paths = {"manifest": root / "manifest.jsonl", "derived": root / "derived", "images": root / "images"}
     if _read_json(marker) == params:
+        mark_left_clean(paths["derived"])  # (a fixture built before the mark existed)
         return paths
     shutil.rmtree(root, ignore_errors=True)
     seed_dir = template_run(root.parent / f"real-templates-{templates}-{caption_tokens}", models, templates,
@@ -275,6 +276,7 @@ def build_real_dataset(root: str | Path, n: int, models: dict[str, Path], *, tem
     _copy_metadata(seed_dir, paths)
     _replicate(seed_dir, paths, n, progress)
     _finish_curation(paths, n)
+    mark_left_clean(paths["derived"])  # as the run that finished it would leave it
     marker.write_text(json.dumps(params) + "\n")
     return paths
 
