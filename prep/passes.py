@@ -156,6 +156,8 @@ def commit_group(entries: list[tuple[PassContext, Result]]) -> None:
     """`commit` for the results of several stages of one pass (journaled in the order given)."""
     temps: list[tuple[Path, Path]] = []
     updates = []
+    if entries:
+        store.unmark_left_clean(entries[0][0].opts.derived_dir)  # before the first temp file
     try:
         for ctx, (image_id, output, inputs, fingerprint) in entries:
             spec = ctx.stage.artifact

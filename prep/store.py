@@ -119,29 +119,37 @@ def sweep_stray_temp_files(base: str | Path) -> int:
     """Delete temp files a killed run left in the artifact folders; return the count.
 
     Skipped (0) when the last run left them clean (`LEFT_CLEAN_FILE`): listing the folders costs
-    a directory entry per side file, three million at a million records, at every start. Either
-    way the mark is then removed (durably) before anything is written: a run killed from here on
-    leaves no mark, and the next run sweeps."""
+    a directory entry per side file, three million at a million records, at every start."""
     from prep import stages
 
-    mark = Path(base) / LEFT_CLEAN_FILE
-    swept = 0 if mark.is_file() else sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts(stages.ALL))
-    with contextlib.suppress(FileNotFoundError):
-        mark.unlink()
-        fsync_dir(mark.parent)
-    return swept
+    if (Path(base) / LEFT_CLEAN_FILE).is_file():
+        return 0
+    return sum(sweep_temp_files(artifact_dir(base, kind)) for kind in file_artifacts(stages.ALL))
 
 
-LEFT_CLEAN_FILE = ".prep/left-clean"  # a run ended here with every side file written renamed into place
+LEFT_CLEAN_FILE = ".prep/left-clean"  # no run has written a side file here since the last one ended well
 
 
 def mark_left_clean(base: str | Path) -> None:
-    """After a run that ended well (every temp file renamed or removed): the next run need not sweep.
-    Only its presence counts, so a plain create is enough; lost in a crash, the next run sweeps."""
+    """After a run that ended well (every temp file renamed or removed): the next run need not
+    sweep. Only its presence counts: created when missing (a run with nothing to do writes
+    nothing); lost in a crash, the next run sweeps."""
     mark = Path(base) / LEFT_CLEAN_FILE
     with contextlib.suppress(OSError):  # a read-only folder: the next run sweeps
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.touch()
+        if not mark.exists():
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+
+
+def unmark_left_clean(base: str | Path) -> None:
+    """Before writing a side file: the mark goes, durably, so a run killed from here on leaves none
+    and the next run sweeps (one failed unlink per batch once it is gone)."""
+    mark = Path(base) / LEFT_CLEAN_FILE
+    try:
+        mark.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(mark.parent)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -165,6 +173,7 @@ def save_npy(array: np.ndarray, path: str | Path, dtype: np.dtype | str) -> None
 
 def save_artifact(base: str | Path, kind: str, image_id: str, array: np.ndarray) -> Path:
     """Save one artifact in its on-disk dtype; returns the path."""
+    unmark_left_clean(base)
     path = artifact_path(base, kind, image_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_npy(array, path, artifact_spec(kind).dtype)
