@@ -952,6 +952,8 @@ def _tail_in_place(manifest: Manifest, changed: dict[int, dict], appended: list[
     contiguous = first >= n or bool((spans[first + 1:, 0] == spans[first:-1].sum(axis=1)).all())
     if not same_file or int(spans[-1].sum()) != size or not contiguous or size - start > size * TAIL_SHARE:
         return None
+    if opened.st_nlink > 1:  # another name for this file (a `cp -al` snapshot): a write in place would change it too
+        return None
     old_tail = data.read_at(start, size - start)
     if (old_tail[-1:] or data.read_at(size - 1, 1)) != b"\n":  # the file's last byte: appends follow a newline
         return None

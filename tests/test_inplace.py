@@ -49,6 +49,19 @@ def test_appended_records_go_in_place_and_equal_a_whole_rewrite(manifest: Path) 
     assert_projection_is_fresh(result, manifest)
 
 
+def test_a_manifest_with_another_name_is_rewritten_whole_and_the_other_name_keeps_its_bytes(manifest: Path) -> None:
+    """A hard-linked snapshot (`cp -al`, rsnapshot) shares the manifest's inode: a write in place
+    would change the snapshot too. The rewrite goes to a new file; the snapshot is untouched."""
+    snapshot = manifest.with_name("snapshot.jsonl")
+    os.link(manifest, snapshot)
+    before = snapshot.read_bytes()
+    result = rewrite(read_manifest(manifest), {}, [record(N)])
+    assert snapshot.read_bytes() == before
+    assert manifest.read_bytes() == expected_bytes([record(i) for i in range(N + 1)])
+    assert not os.path.samefile(manifest, snapshot)
+    assert_projection_is_fresh(result, manifest)
+
+
 def test_changed_last_rows_are_rewritten_in_place(manifest: Path) -> None:
     inode = manifest.stat().st_ino
     m = read_manifest(manifest)

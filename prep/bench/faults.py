@@ -244,12 +244,15 @@ def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[
 
 
 def seed_work(s: Setup, work: Path) -> None:
-    """An empty work dir, or (with a base dataset) a hard-linked copy of it: rewrites replace
-    files by rename, so the base is never changed."""
+    """An empty work dir, or (with a base dataset) a hard-linked copy of it: files are replaced by
+    rename, so the base is never changed. The manifest is copied: a user's has one name, and
+    prep writes the tail of such a manifest in place (a linked one it rewrites whole)."""
     if s.base is None:
         work.mkdir(parents=True)
         return
-    shutil.copytree(s.base, work, copy_function=LinkOrCopy(), ignore=shutil.ignore_patterns(".bench-real.json", "*.lock"))
+    shutil.copytree(s.base, work, copy_function=LinkOrCopy(),
+                    ignore=shutil.ignore_patterns(".bench-real.json", "*.lock", "manifest.jsonl"))
+    shutil.copy2(s.base / "manifest.jsonl", work / "manifest.jsonl")
 
 
 class LinkOrCopy:
