@@ -76,20 +76,20 @@ def write_redo(derived_dir: str | Path, redo: dict[str, list[str]]) -> None:
 
 
 # ------------------------------------------------------------------------ column helpers
-def _strings(batch: pa.Table, name: str) -> np.ndarray:
+def str_column(batch: pa.Table, name: str) -> np.ndarray:
     return np.asarray(batch.column(name).to_pylist(), dtype=object)
 
 
-def _valid(batch: pa.Table, name: str) -> np.ndarray:
+def valid_mask(batch: pa.Table, name: str) -> np.ndarray:
     return pc.is_valid(batch.column(name)).to_numpy(zero_copy_only=False)
 
 
-def _ints(batch: pa.Table, name: str) -> np.ndarray:
+def int_column(batch: pa.Table, name: str) -> np.ndarray:
     """An int64 column with nulls as a sentinel (no float conversion, so 64-bit hashes stay exact)."""
     return pc.fill_null(batch.column(name), np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
 
 
-def _bools(batch: pa.Table, name: str) -> np.ndarray:
+def bool_column(batch: pa.Table, name: str) -> np.ndarray:
     return pc.fill_null(batch.column(name), False).to_numpy(zero_copy_only=False)
 
 
@@ -98,15 +98,15 @@ NULL = np.iinfo(np.int64).min
 
 def eligible(batch: pa.Table, stage) -> np.ndarray:
     """Records a stage may touch: migrated, with an id, not filtered out (and what the stage reads)."""
-    ok = _valid(batch, "image_id") & ~_bools(batch, "needs_migration") & ~_valid(batch, "filtered")
+    ok = valid_mask(batch, "image_id") & ~bool_column(batch, "needs_migration") & ~valid_mask(batch, "filtered")
     if stage.by_bucket:
-        ok &= _valid(batch, "aspect_bucket")
+        ok &= valid_mask(batch, "aspect_bucket")
     if stage.reads == "caption":
-        ok &= _valid(batch, "caption")
+        ok &= valid_mask(batch, "caption")
     return ok
 
 
-class _ConfigJudge:
+class ConfigJudge:
     """Stale reasons per distinct stamp configuration (a handful per dataset), computed once each."""
 
     def __init__(self, expected: dict):
@@ -123,33 +123,33 @@ class _ConfigJudge:
         return [self.cache[value] for value in values]
 
 
-def plan_batch(batch: pa.Table, stage, yard: Yardstick, judge: _ConfigJudge, work: StageWork) -> np.ndarray:
+def plan_batch(batch: pa.Table, stage, yard: Yardstick, judge: ConfigJudge, work: StageWork) -> np.ndarray:
     """The `needs` decision for one Arrow batch of the projection (a bool per row)."""
     if stage.artifact is None:
         return _plan_caption_batch(batch, stage, yard, judge, work)
     name = stage.name
     ok = eligible(batch, stage)
-    ids = _strings(batch, "image_id")
-    has_stamp = _valid(batch, f"{name}__config") | _valid(batch, f"{name}__origin")
-    current = _ints(batch, f"{name}__format") == provenance.PROVENANCE_FORMAT
+    ids = str_column(batch, "image_id")
+    has_stamp = valid_mask(batch, f"{name}__config") | valid_mask(batch, f"{name}__origin")
+    current = int_column(batch, f"{name}__format") == provenance.PROVENANCE_FORMAT
     reasons = np.full(len(ids), None, dtype=object)
     # inputs changed: the image (or the caption, for a stage reading captions) is not the stamped one
-    stamped_input = _ints(batch, f"{name}__input")
-    now_input = _ints(batch, "caption_hash" if stage.reads == "caption" else "fp_sha")
+    stamped_input = int_column(batch, f"{name}__input")
+    now_input = int_column(batch, "caption_hash" if stage.reads == "caption" else "fp_sha")
     changed = (stamped_input != NULL) & (now_input != NULL) & (stamped_input != now_input)
     reasons[changed] = "caption changed" if stage.reads == "caption" else "image changed"
     if stage.by_bucket:
-        stamped_bucket = _strings(batch, f"{name}__bucket")
-        bucket = _strings(batch, "aspect_bucket")
+        stamped_bucket = str_column(batch, f"{name}__bucket")
+        bucket = str_column(batch, "aspect_bucket")
         moved = has_stamp & (stamped_bucket != bucket)
         for i in np.flatnonzero(moved & (reasons == None)):  # noqa: E711 - numpy elementwise
             reasons[i] = f"bucket changed ({stamped_bucket[i]} -> {bucket[i]})"
-    legacy = _valid(batch, f"{name}__origin")
+    legacy = valid_mask(batch, f"{name}__origin")
     config_reasons = np.asarray(judge.reasons(batch.column(f"{name}__config")), dtype=object)
     config_stale = ~legacy & (config_reasons != None)  # noqa: E711
     reasons[config_stale & (reasons == None)] = config_reasons[config_stale & (reasons == None)]  # noqa: E711
     # the record fields the stage writes (T5: the attention mask) must be there too
-    fields_ok = _bools(batch, stage.fields_column) if stage.fields_column else np.ones(len(ids), dtype=bool)
+    fields_ok = bool_column(batch, stage.fields_column) if stage.fields_column else np.ones(len(ids), dtype=bool)
     stale = reasons != None  # noqa: E711
     need = ok & (~has_stamp | ~current | ~fields_ok | (stale & (not yard.keep_stale)))
     redo = yard.redo.get(name, set())
@@ -180,9 +180,9 @@ def _check_files(batch, stage, yard: Yardstick, candidates, ids, need, work: Sta
 
     name = stage.name
     folder = os.path.join(yard.derived_dir, stage.artifact.folder, "")
-    sizes = _ints(batch, f"{name}__file_size")
-    mtimes = _ints(batch, f"{name}__file_mtime")
-    shas = _ints(batch, f"{name}__file_sha")
+    sizes = int_column(batch, f"{name}__file_size")
+    mtimes = int_column(batch, f"{name}__file_mtime")
+    shas = int_column(batch, f"{name}__file_sha")
     rows = batch.column("row").to_numpy()
     stat = os.stat
     for i in candidates.tolist():
@@ -207,17 +207,17 @@ def _check_files(batch, stage, yard: Yardstick, candidates, ids, need, work: Sta
             work.stale[ids[i]] = "stale: file is not the one its record stamped"
 
 
-def _plan_caption_batch(batch, stage, yard: Yardstick, judge: _ConfigJudge, work: StageWork) -> np.ndarray:
+def _plan_caption_batch(batch, stage, yard: Yardstick, judge: ConfigJudge, work: StageWork) -> np.ndarray:
     """Captions: missing ones are made; a model's caption is redone when stale (or with --recaption)."""
     name = stage.name
     ok = eligible(batch, stage)
-    ids = _strings(batch, "image_id")
-    missing = ~_valid(batch, "caption")
-    source = _strings(batch, f"{name}__source")
+    ids = str_column(batch, "image_id")
+    missing = ~valid_mask(batch, "caption")
+    source = str_column(batch, f"{name}__source")
     by_model = source == "model"
-    untouched = _ints(batch, f"{name}__text") == _ints(batch, "caption_hash")
-    stamped_input = _ints(batch, f"{name}__input")
-    image_changed = (stamped_input != NULL) & (_ints(batch, "fp_sha") != NULL) & (stamped_input != _ints(batch, "fp_sha"))
+    untouched = int_column(batch, f"{name}__text") == int_column(batch, "caption_hash")
+    stamped_input = int_column(batch, f"{name}__input")
+    image_changed = (stamped_input != NULL) & (int_column(batch, "fp_sha") != NULL) & (stamped_input != int_column(batch, "fp_sha"))
     reasons = np.asarray(judge.reasons(batch.column(f"{name}__config")), dtype=object)
     config_stale = reasons != None  # noqa: E711
     model_made = ok & ~missing & by_model & untouched
@@ -239,7 +239,7 @@ def plan_stage(dataset, stage, yard: Yardstick, *, desc: str | None = None):
     from prep.passes import fresh_fingerprint
 
     work = StageWork()
-    judge = _ConfigJudge(yard.expected.get(stage.name))
+    judge = ConfigJudge(yard.expected.get(stage.name))
     todo = dataset.with_format("arrow").filter(
         lambda batch: plan_batch(batch, stage, yard, judge, work),
         batched=True,

@@ -95,7 +95,7 @@ class _Vouching:
 
         self.ctx = ctx
         self.stages = stages.artifact_stages(store.active_stages(ctx.base))
-        self.judges = {s.name: needs._ConfigJudge(ctx.yardstick.get(s.name)) for s in self.stages} if ctx.yardstick else {}
+        self.judges = {s.name: needs.ConfigJudge(ctx.yardstick.get(s.name)) for s in self.stages} if ctx.yardstick else {}
         self.shapes: dict[tuple[str, str], tuple[int, ...] | None] = {}
         self.folders = {s.name: os.path.join(ctx.base, s.artifact.folder, "") for s in self.stages}
         self.sizes: dict[str, np.ndarray] = {}  # stage -> stamped file size of each row of the chunk
@@ -109,7 +109,7 @@ class _Vouching:
             return np.zeros(columns.num_rows, dtype=bool)
 
     def _candidates(self, columns: pa.Table) -> np.ndarray:
-        ints, valid, bools = needs._ints, needs._valid, needs._bools
+        ints, valid, bools = needs.int_column, needs.valid_mask, needs.bool_column
         ok = ~bools(columns, "needs_migration") & bools(columns, "has_provenance") & bools(columns, "mask_ok")
         ok &= valid(columns, "caption") & ~valid(columns, "filtered")
         ok &= pc.fill_null(pc.match_substring_regex(columns.column("image_id"), SAFE_ID_RE2), False).to_numpy(zero_copy_only=False)
