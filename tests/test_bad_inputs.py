@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from prep import preprocess
 from prep.cli import main
-from prep.store import artifact_ok, check_artifact, file_artifacts, load_npy, read_npy_header
+from prep.store import LEFT_CLEAN_FILE, artifact_ok, check_artifact, file_artifacts, load_npy, read_npy_header
 from prep.testing import model_flags
 
 BUCKETS = "64x64,64x128,128x64,96x96"
@@ -271,7 +271,7 @@ def test_nothing_is_written_outside_the_output_directory(bad_run) -> None:
     derived = files_under(bad_run["derived"])
     for rel in derived:
         folder, _, name = rel.partition("/")
-        assert rel in ("prep_metadata.json", ".prep.lock", "t5_uncond.safetensors") or (
+        assert rel in ("prep_metadata.json", ".prep.lock", "t5_uncond.safetensors", LEFT_CLEAN_FILE) or (
             folder in {s.folder for s in file_artifacts().values()} and "/" not in name and name.endswith(".npy")
         ), rel
     assert files_under(work) == {
