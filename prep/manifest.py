@@ -422,11 +422,15 @@ class Manifest:
         (or a fresh copy of its overlay record): the caller may change it."""
         if row in self.overlay:
             return orjson.loads(orjson.dumps(self.overlay[row]))
+        return self._checked_record(self.raw(row), self.table.column("image_id")[row].as_py())
+
+    def _checked_record(self, line: bytes, image_id: str) -> dict:
+        """A line read back from the file, parsed; it must still be the record the projection indexed."""
         try:
-            record = orjson.loads(self.raw(row).rstrip(b"\r\n").removeprefix(_BOM))
+            record = orjson.loads(line.rstrip(b"\r\n").removeprefix(_BOM))
         except orjson.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or record.get("image_id") != self.table.column("image_id")[row].as_py():
+        if not isinstance(record, dict) or record.get("image_id") != image_id:
             raise UserError(f"the manifest {self.path} changed while this command read it (another prep job "
                             "rewrote its end): run the command again")
         return record
@@ -447,14 +451,7 @@ class Manifest:
         ids = self.table.column("image_id").slice(start, stop - start).to_pylist()
         for (offset, length), image_id in zip(spans.tolist(), ids, strict=True):
             begin = offset - first
-            try:
-                record = orjson.loads(block[begin : begin + length].rstrip(b"\r\n").removeprefix(_BOM))
-            except orjson.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or record.get("image_id") != image_id:
-                raise UserError(f"the manifest {self.path} changed while this command read it (another prep job "
-                                "rewrote its end): run the command again")
-            yield record
+            yield self._checked_record(block[begin : begin + length], image_id)
 
     def __iter__(self) -> Iterator[dict]:
         for row in range(len(self)):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import random
@@ -204,6 +205,7 @@ class Setup:
     procs: int
     batch_size: int
     base: Path | None = None  # a finished dataset every work dir starts from (hard links), or None
+    shard_size: int = 4  # samples per shard: a few shards of the new images; a few hundred with a base
 
 
 def extra_image_specs(n_images: int):
@@ -240,7 +242,10 @@ def prepare(out: Path, procs: int, n_images: int, batch_size: int, models: dict[
 
         base = build_real_dataset(out / f"base-{base_records}", base_records, models, progress=False,
                                   caption_tokens=12)["manifest"].parent
-    return Setup(out, images, models, inject, procs, batch_size, base)
+    # 4 samples a shard gives the 24 new images several shards to die in; a base of 100k records
+    # would make 25k of them (then per-shard fsyncs are 80% of a trial), so it gets ~400 shards
+    shard_size = max(4, base_records // 400)
+    return Setup(out, images, models, inject, procs, batch_size, base, shard_size)
 
 
 def seed_work(s: Setup, work: Path) -> None:
@@ -300,10 +305,10 @@ def run_cmd(s: Setup, work: Path) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
 
 
-def export_cmd(work: Path) -> list[str]:
+def export_cmd(s: Setup, work: Path) -> list[str]:
     return [sys.executable, "-m", "prep", "export", "webdataset", "--input-jsonl", str(work / "manifest.jsonl"),
             "--derived-dir", str(work / "derived"), "--output-dir", str(work / "shards"),
-            "--shard-size", "4", "--shuffle", "--seed", "0", "--resume"]
+            "--shard-size", str(s.shard_size), "--shuffle", "--seed", "0", "--resume"]
 
 
 def job_env(s: Setup, root: Path, fault: str = "", action: str = "group") -> dict:
@@ -589,10 +594,28 @@ def compare_files(ref: Path, work: Path) -> list[str]:
             continue  # both hard links to the base dataset's file: untouched by either run
         if rel.endswith(".npy") and read_npy_header(a) is None:
             problems.append(f"partial or unreadable {rel}")
-        elif a.read_bytes() != b.read_bytes():
+        elif digest(a) != reference_digest(b):
             extra = f" ({max_ulp(a, b)})" if rel.endswith(".npy") else ""
             problems.append(f"{rel} differs{extra}")
     return problems
+
+
+def digest(path: Path) -> bytes:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").digest()
+
+
+@functools.cache
+def _reference_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    return digest(Path(path))
+
+
+def reference_digest(path: Path) -> bytes:
+    """The reference's files are read once per experiment, not once per trial (16 GB of shards at 100k)."""
+    st = path.stat()
+    return _reference_digest(str(path), st.st_size, st.st_mtime_ns)
 
 
 def compare_shards(work: Path, expected: list[dict]) -> list[str]:
@@ -666,7 +689,7 @@ def make_reference(s: Setup) -> Reference:
     run_writes = count_writes(root / "logs" / "writes.log")
     rank_writes = {str(r): count_writes(root / "logs" / "writes.log", str(r)) for r in range(s.procs)}
     os.replace(root / "logs" / "writes.log", root / "logs" / "writes-run.log")
-    exported = launch(export_cmd(work), env, root / "logs" / "export.log")
+    exported = launch(export_cmd(s, work), env, root / "logs" / "export.log")
     if exported.rc != 0:
         raise RuntimeError(f"reference export failed (rc {exported.rc}); see {root / 'logs' / 'export.log'}")
     export_writes = count_writes(root / "logs" / "writes.log")
@@ -774,7 +797,7 @@ def run_trial(s: Setup, ref: Reference, index: int, scenario: str, victim: str, 
     try:
         runs = tries.until_done(run_cmd(s, work), killed_env if plan.fault and not plan.in_export else None,
                                 plan.kill_at if not plan.in_export else None, root / "logs" / "run.log")
-        exports = tries.until_done(export_cmd(work), killed_env if plan.fault and plan.in_export else None,
+        exports = tries.until_done(export_cmd(s, work), killed_env if plan.fault and plan.in_export else None,
                                    plan.kill_at if plan.in_export else None, root / "logs" / "export.log")
         problems = compare(ref.work, work, root / "home")
     except RuntimeError as exc:
