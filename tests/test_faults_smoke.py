@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -154,6 +155,18 @@ class FullDisk:
         self.left -= 1
         if self.left < 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_the_harness_sees_one_changed_byte_of_a_side_file(tmp_path, reference) -> None:
+    """The trials' verdict compares digests (the reference's cached): it must still see a flipped byte."""
+    work = tmp_path / "copy"
+    shutil.copytree(reference, work)
+    assert compare(reference, work) == []
+    victim = sorted((work / "derived" / "dinov3").glob("*.npy"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1  # the last byte of the array, the header stays valid
+    victim.write_bytes(bytes(data))
+    assert any(p.startswith(f"derived/dinov3/{victim.name} differs") for p in compare(reference, work))
 
 
 # ---------------------------------------------------------------------------- full disk

@@ -600,19 +600,18 @@ def compare_files(ref: Path, work: Path) -> list[str]:
     return problems
 
 
-def digest(path: Path) -> bytes:
-    import hashlib
+def digest(path: Path) -> str:
+    from prep.fsio import sha256_file
 
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "blake2b").digest()
+    return sha256_file(path)
 
 
 @functools.cache
-def _reference_digest(path: str, size: int, mtime_ns: int) -> bytes:
+def _reference_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest(Path(path))
 
 
-def reference_digest(path: Path) -> bytes:
+def reference_digest(path: Path) -> str:
     """The reference's files are read once per experiment, not once per trial (16 GB of shards at 100k)."""
     st = path.stat()
     return _reference_digest(str(path), st.st_size, st.st_mtime_ns)
