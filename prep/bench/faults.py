@@ -575,6 +575,7 @@ def compare_records(ref: Path, work: Path) -> list[str]:
 
 def compare_files(ref: Path, work: Path) -> list[str]:
     """The same file names, no temp file left, every file byte-identical (side files complete)."""
+    from prep.fsio import sha256_file
     from prep.store import read_npy_header
 
     problems = []
@@ -594,21 +595,17 @@ def compare_files(ref: Path, work: Path) -> list[str]:
             continue  # both hard links to the base dataset's file: untouched by either run
         if rel.endswith(".npy") and read_npy_header(a) is None:
             problems.append(f"partial or unreadable {rel}")
-        elif digest(a) != reference_digest(b):
+        elif sha256_file(a) != reference_digest(b):
             extra = f" ({max_ulp(a, b)})" if rel.endswith(".npy") else ""
             problems.append(f"{rel} differs{extra}")
     return problems
 
 
-def digest(path: Path) -> str:
+@functools.cache
+def _reference_digest(path: str, size: int, mtime_ns: int) -> str:
     from prep.fsio import sha256_file
 
     return sha256_file(path)
-
-
-@functools.cache
-def _reference_digest(path: str, size: int, mtime_ns: int) -> str:
-    return digest(Path(path))
 
 
 def reference_digest(path: Path) -> str:
